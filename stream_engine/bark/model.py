@@ -1,0 +1,307 @@
+"""Bark's three transformers, written for serving.
+
+The weights and the math are Bark's (and those of transformers' ``BarkModel``); what differs
+is the shape of the computation:
+
+* :class:`CausalGPT` (the semantic and coarse models) keeps a static KV cache with one *slot*
+  per request. A prefill writes a group of rows into their slots; a decode step advances every
+  slot in ``[0, n)`` by one token, each at its own position, so requests that started at
+  different times share one forward pass. Nothing is allocated in the decode step, which is
+  what CUDA graphs need.
+* :class:`FineGPT` (the non-causal fine model) runs a batch of 1024-frame windows where every
+  row may predict a different codebook.
+
+Module and parameter names match transformers' Bark classes one for one, so that a
+``state_dict`` moves across unchanged (see :mod:`stream_engine.bark.loading`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """Shape of one Bark transformer (the fields of transformers' ``BarkSubModelConfig``)."""
+
+    block_size: int = 1024  # longest sequence (positions) the model has embeddings for
+    input_vocab_size: int = 10_048
+    output_vocab_size: int = 10_048
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    bias: bool = True  # bias in linears (and, for the causal models, in layer norms)
+    n_codes_total: int = 8  # fine model only: codebooks in a frame
+    n_codes_given: int = 1  # fine model only: codebooks it never predicts
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values of one attention layer: one slot (row) per request."""
+
+    def __init__(
+        self, slots: int, n_head: int, max_len: int, head_dim: int, dtype: torch.dtype, device
+    ) -> None:
+        super().__init__()
+        shape = (slots, n_head, max_len, head_dim)
+        self.k: Tensor
+        self.v: Tensor
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig, causal: bool) -> None:
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.head_dim = cfg.head_dim
+        self.causal = causal
+        self.att_proj = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.out_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.cache: KVCache | None = None
+        self.impl = "sdpa"
+
+    def _heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        B, T, C = x.shape
+        q, k, v = self.att_proj(x).split(C, dim=2)
+        # (B, T, C) -> (B, nh, T, hs)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+        if self.impl == "eager":
+            # the reference's own arithmetic: scores, fill, softmax, weighted sum
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
+            if causal:
+                T, S = q.size(-2), k.size(-2)
+                tri = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+                att = att.masked_fill(~tri, torch.finfo(att.dtype).min)
+            if mask is not None:
+                att = att.masked_fill(~mask, torch.finfo(att.dtype).min)
+            return F.softmax(att, dim=-1).to(v.dtype) @ v
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+    def _merge(self, y: Tensor) -> Tensor:
+        B, nh, T, hs = y.shape
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, nh * hs))  # (B, T, C)
+
+    def forward_full(self, x: Tensor) -> Tensor:
+        """Attention over ``x`` alone, without a cache (causal or not)."""
+        q, k, v = self._heads(x)
+        if self.impl == "flash_attention_2" and x.is_cuda:
+            from flash_attn import flash_attn_func  # optional CUDA-only dependency
+
+            y = flash_attn_func(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=self.causal
+            ).transpose(1, 2)
+        else:
+            y = self._attend(q, k, v, None, self.causal)
+        return self._merge(y)
+
+    def forward_prefill(self, x: Tensor, rows: Tensor) -> Tensor:
+        """Causal attention over ``x`` (B, T, C) from position 0; writes K/V into ``rows``' slots.
+
+        Rows may be right-padded: a valid query never sees a later (padded) key, and the
+        padded keys written to the cache are overwritten by decode steps before anyone reads
+        them.
+        """
+        assert self.cache is not None
+        q, k, v = self._heads(x)
+        T = x.size(1)
+        self.cache.k[rows, :, :T] = k
+        self.cache.v[rows, :, :T] = v
+        return self._merge(self._attend(q, k, v, None, True))
+
+    def forward_decode(self, x: Tensor, pos: Tensor, mask: Tensor, kv_len: int) -> Tensor:
+        """One token per slot for slots ``[0, B)``: ``x`` (B, 1, C), ``pos`` (B,) its position.
+
+        ``mask`` (B, 1, 1, kv_len) says which cached keys each slot attends to.
+        """
+        assert self.cache is not None
+        B = x.size(0)
+        q, k, v = self._heads(x)
+        slot = torch.arange(B, device=x.device)
+        self.cache.k[slot, :, pos] = k[:, :, 0]  # (B, nh, hs) at (slot, :, pos)
+        self.cache.v[slot, :, pos] = v[:, :, 0]
+        keys = self.cache.k[:B, :, :kv_len]  # (B, nh, S, hs)
+        values = self.cache.v[:B, :, :kv_len]
+        return self._merge(self._attend(q, keys, values, mask, False))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.in_proj = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.out_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.gelu = nn.GELU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out_proj(self.gelu(self.in_proj(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, causal: bool) -> None:
+        super().__init__()
+        # Bark leaves the layer-norm bias out of its causal models when bias=False;
+        # the fine model always has one.
+        ln_bias = cfg.bias if causal else True
+        self.layernorm_1 = nn.LayerNorm(cfg.n_embd, bias=ln_bias)
+        self.attn = CausalSelfAttention(cfg, causal)
+        self.layernorm_2 = nn.LayerNorm(cfg.n_embd, bias=ln_bias)
+        self.mlp = MLP(cfg)
+
+    def _residual(self, x: Tensor, attn_out: Tensor) -> Tensor:
+        x = x + attn_out
+        return x + self.mlp(self.layernorm_2(x))
+
+
+class CausalGPT(nn.Module):
+    """The semantic or the coarse model: a GPT-2-like decoder with a slot-based static cache."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.input_embeds_layer = nn.Embedding(cfg.input_vocab_size, cfg.n_embd)
+        self.position_embeds_layer = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.layers = nn.ModuleList([Block(cfg, causal=True) for _ in range(cfg.n_layer)])
+        self.layernorm_final = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.output_vocab_size, bias=False)
+        self.slots = 0
+
+    def setup_cache(self, slots: int, max_len: int | None = None) -> None:
+        """Allocate the KV cache for ``slots`` concurrent requests, once, up front."""
+        max_len = max_len or self.cfg.block_size
+        w = self.lm_head.weight
+        for block in self.layers:
+            block.attn.cache = KVCache(
+                slots, self.cfg.n_head, max_len, self.cfg.head_dim, w.dtype, w.device
+            )
+        self.slots = slots
+
+    def set_attn(self, impl: str) -> None:
+        for block in self.layers:
+            block.attn.impl = impl
+
+    def embed(self, ids: Tensor) -> Tensor:
+        return self.input_embeds_layer(ids)
+
+    def prefill(self, embeds: Tensor, rows: Tensor, last: Tensor) -> Tensor:
+        """Run ``embeds`` (B, T, C) from position 0 into ``rows``' slots.
+
+        ``last`` (B,) is the index of each row's last real token; returns its logits (B, V).
+        """
+        T = embeds.size(1)
+        pos = torch.arange(T, device=embeds.device)
+        x = embeds + self.position_embeds_layer(pos)[None]
+        for block in self.layers:
+            x = block._residual(x, block.attn.forward_prefill(block.layernorm_1(x), rows))
+        x = x[torch.arange(x.size(0), device=x.device), last]  # (B, C)
+        return self.lm_head(self.layernorm_final(x))
+
+    def decode(self, ids: Tensor, pos: Tensor, kv_len: int) -> Tensor:
+        """One step for slots ``[0, B)``: token ``ids`` (B,) at positions ``pos`` (B,).
+
+        Keys up to ``kv_len`` (> max(pos)) are read; returns logits (B, V).
+        """
+        x = self.input_embeds_layer(ids) + self.position_embeds_layer(pos)  # (B, C)
+        x = x[:, None]  # (B, 1, C)
+        keys = torch.arange(kv_len, device=ids.device)
+        mask = (keys[None, :] <= pos[:, None])[:, None, None, :]  # (B, 1, 1, S)
+        for block in self.layers:
+            x = block._residual(
+                x, block.attn.forward_decode(block.layernorm_1(x), pos, mask, kv_len)
+            )
+        return self.lm_head(self.layernorm_final(x[:, 0]))
+
+    def forward_full(self, ids: Tensor) -> Tensor:
+        """Logits at every position of ``ids`` (B, T), without the cache (for tests)."""
+        T = ids.size(1)
+        x = self.input_embeds_layer(ids) + self.position_embeds_layer(
+            torch.arange(T, device=ids.device)
+        )
+        for block in self.layers:
+            x = block._residual(x, block.attn.forward_full(block.layernorm_1(x)))
+        return self.lm_head(self.layernorm_final(x))
+
+
+class FineGPT(nn.Module):
+    """The fine model: non-causal, one embedding per codebook, one head per predicted codebook."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.input_embeds_layers = nn.ModuleList(
+            [nn.Embedding(cfg.input_vocab_size, cfg.n_embd) for _ in range(cfg.n_codes_total)]
+        )
+        self.position_embeds_layer = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.layers = nn.ModuleList([Block(cfg, causal=False) for _ in range(cfg.n_layer)])
+        self.layernorm_final = nn.LayerNorm(cfg.n_embd)
+        self.lm_heads = nn.ModuleList(
+            [
+                nn.Linear(cfg.n_embd, cfg.output_vocab_size, bias=False)
+                for _ in range(cfg.n_codes_given, cfg.n_codes_total)
+            ]
+        )
+
+    def set_attn(self, impl: str) -> None:
+        for block in self.layers:
+            block.attn.impl = impl
+
+    def embed(self, codes: Tensor, codebook: int) -> Tensor:
+        """Sum of the embeddings of codebooks ``0..codebook`` of ``codes`` (B, T, n) -> (B, T, C)."""
+        embs = torch.stack(
+            [emb(codes[:, :, i]) for i, emb in enumerate(self.input_embeds_layers)], dim=-1
+        )  # (B, T, C, n_codes)
+        return embs[..., : codebook + 1].sum(dim=-1)
+
+    def body(self, x: Tensor) -> Tensor:
+        """Positions, the non-causal blocks and the final norm: (B, T, C) -> (B, T, C)."""
+        x = x + self.position_embeds_layer(torch.arange(x.size(1), device=x.device))[None]
+        for block in self.layers:
+            x = block._residual(x, block.attn.forward_full(block.layernorm_1(x)))
+        return self.layernorm_final(x)
+
+    def head(self, h: Tensor, codebook: int) -> Tensor:
+        return self.lm_heads[codebook - self.cfg.n_codes_given](h)  # (B, T, V)
+
+    def forward(self, codes: Tensor, codebook: int) -> Tensor:
+        """``codes`` (B, T, n_codes) -> logits (B, T, V) predicting codebook ``codebook``."""
+        return self.head(self.body(self.embed(codes, codebook)), codebook)
+
+
+def gpt_config_from_hf(hf_config) -> GPTConfig:
+    """Our :class:`GPTConfig` from a transformers ``BarkSubModelConfig``."""
+    return GPTConfig(
+        block_size=hf_config.block_size,
+        input_vocab_size=hf_config.input_vocab_size,
+        output_vocab_size=hf_config.output_vocab_size,
+        n_layer=hf_config.num_layers,
+        n_head=hf_config.num_heads,
+        n_embd=hf_config.hidden_size,
+        bias=hf_config.bias,
+        n_codes_total=getattr(hf_config, "n_codes_total", 8),
+        n_codes_given=getattr(hf_config, "n_codes_given", 1),
+    )
+
+
+def from_hf(hf_model: nn.Module) -> CausalGPT | FineGPT:
+    """Build our module around a transformers Bark sub-model's weights (shared, not copied)."""
+    cfg = gpt_config_from_hf(hf_model.config)
+    fine = hasattr(hf_model, "lm_heads")
+    ours: CausalGPT | FineGPT = FineGPT(cfg) if fine else CausalGPT(cfg)
+    # the causal mask buffers ("*.attn.bias") are transformers' own; we build masks per step
+    state = {k: v for k, v in hf_model.state_dict().items() if not k.endswith("attn.bias")}
+    ours.load_state_dict(state, strict=True, assign=True)
+    return ours.eval().requires_grad_(False)

@@ -1,0 +1,193 @@
+"""The public entry point: load a Bark model, turn texts into speech.
+
+``Engine.generate`` runs the batched runtime until every request is done; the streaming server
+drives the same :class:`~stream_engine.runtime.loop.Runtime` step by step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import random
+from typing import Any
+
+import torch
+
+from .bark.loading import LoadedBark, load_bark, save_bark
+from .bark.model import CausalGPT, FineGPT, from_hf
+from .bark.prompts import BarkConstants, VoicePrompt
+from .config import EngineConfig, GenerationOptions
+from .errors import EmptyText, InvalidOption, StreamEngineError, TextTooLong, UnknownVoice
+from .runtime.loop import Runtime
+from .runtime.request import Request, Speech, Status
+from .runtime.stages import CodecStage, CoarseStage, FineStage, SemanticStage
+
+# Real Bark speaks about 14 characters of English text per second (measured on suno/bark's
+# examples: ~2.6 words/s); semantic tokens come at 49.9 per second of audio.
+RANDOM_CHARS_PER_SECOND = 14.0
+RANDOM_MIN_SEMANTIC_TOKENS = 25  # half a second: even "Hi." is spoken
+
+
+def random_model_semantic_tokens(text: str, consts: BarkConstants) -> int:
+    """Segment length for ``random:*`` models, whose random weights never choose EOS.
+
+    Semantic tokens proportional to the text's length at the rate real Bark speaks, clamped to
+    [25, 768]. Used when a request sets no ``max_semantic_tokens``.
+    """
+    seconds = len(text.strip()) / RANDOM_CHARS_PER_SECOND
+    tokens = math.ceil(seconds * consts.semantic_rate_hz)
+    return max(RANDOM_MIN_SEMANTIC_TOKENS, min(consts.max_new_semantic_tokens, tokens))
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise InvalidOption(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+class Engine:
+    """A loaded Bark model with its runtime."""
+
+    def __init__(self, loaded: LoadedBark, config: EngineConfig, device: torch.device) -> None:
+        self.loaded = loaded
+        self.config = config
+        self.device = device
+        self.consts = BarkConstants.from_generation_config(loaded.model.generation_config)
+        self.is_random = loaded.name.startswith("random:")
+        hf = loaded.model
+        semantic, coarse, fine = (
+            from_hf(hf.semantic),
+            from_hf(hf.coarse_acoustics),
+            from_hf(hf.fine_acoustics),
+        )
+        assert isinstance(semantic, CausalGPT) and isinstance(coarse, CausalGPT)
+        assert isinstance(fine, FineGPT)
+        for m in (semantic, coarse, fine):
+            m.set_attn(config.attn)
+        self.semantic_model, self.coarse_model, self.fine_model = semantic, coarse, fine
+        self.voices = {name: VoicePrompt.from_preset(p) for name, p in loaded.voices.items()}
+        self._ids = itertools.count(1)
+        self.runtime = Runtime(
+            {
+                "semantic": SemanticStage(
+                    semantic,
+                    self.consts,
+                    config.semantic_slots,
+                    sync_every=8 if device.type == "cuda" else 1,
+                ),
+                "coarse": CoarseStage(coarse, self.consts, config.coarse_slots),
+                "fine": FineStage(fine, self.consts, config.fine_batch),
+                "codec": CodecStage(hf.codec_model, config.codec_batch),
+            },
+            max_queue=config.max_queue,
+        )
+
+    # -- loading --------------------------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls,
+        model: str = "suno/bark-small",
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        attn: str | None = None,
+        offload: bool = False,
+        config: EngineConfig | None = None,
+    ) -> Engine:
+        """Load ``model``: a hub id, a local directory in HF layout, or ``random:tiny|small|large``."""
+        dev = torch.device(device) if device is not None else _default_device()
+        config = config or EngineConfig()
+        if attn is not None:
+            config = EngineConfig(**{**config.__dict__, "attn": attn})
+        if config.attn == "flash_attention_2" and dev.type != "cuda":
+            raise InvalidOption("flash_attention_2 needs a CUDA device")
+        hf_attn = "flash_attention_2" if config.attn == "flash_attention_2" else "eager"
+        loaded = load_bark(
+            model, device=dev, dtype=_dtype(dtype, dev), attn=hf_attn, offload=offload
+        )
+        return cls(loaded, config, dev)
+
+    def save(self, directory: str | os.PathLike[str]) -> None:
+        """Write a Hugging Face layout directory that transformers and ``Engine.load`` read."""
+        save_bark(self.loaded, directory)
+
+    @property
+    def name(self) -> str:
+        return self.loaded.name
+
+    @property
+    def sample_rate(self) -> int:
+        return self.consts.sample_rate
+
+    # -- requests -------------------------------------------------------------------------
+
+    def tokenize(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise InvalidOption(f"text must be a string, got {type(text).__name__}")
+        if not text.strip():
+            raise EmptyText("text is empty")
+        ids: list[int] = self.loaded.processor.tokenizer(text, add_special_tokens=False)[
+            "input_ids"
+        ]
+        if not ids:
+            raise EmptyText("text has no speakable tokens")
+        limit = self.consts.max_input_semantic_length
+        if len(ids) > limit:
+            raise TextTooLong(f"text is {len(ids)} tokens; Bark reads at most {limit} at once")
+        return ids
+
+    def voice(self, name: str | None) -> VoicePrompt | None:
+        if name is None:
+            return None
+        if not isinstance(name, str) or name not in self.voices:
+            raise UnknownVoice(f"unknown voice {name!r}; available: {sorted(self.voices)}")
+        return self.voices[name]
+
+    def request(
+        self, text: str, voice: str | None = None, options: GenerationOptions | None = None
+    ) -> Request:
+        """Validate and build a request (not yet submitted). Raises on bad input."""
+        options = options or GenerationOptions()
+        if options.seed is None:
+            options = options.with_seed(random.randrange(2**31))
+        ids = self.tokenize(text)
+        if options.max_semantic_tokens is not None:
+            cap = options.max_semantic_tokens
+        elif self.is_random:
+            cap = random_model_semantic_tokens(text, self.consts)
+        else:
+            cap = self.consts.max_new_semantic_tokens
+        return Request(next(self._ids), text, ids, options, self.voice(voice), cap)
+
+    @torch.inference_mode()
+    def generate(
+        self, texts: str | list[str], voice: str | None = None, **options: Any
+    ) -> list[Speech]:
+        """Speak each text; all run together in the batched runtime. Blocks until done."""
+        if isinstance(texts, str):
+            texts = [texts]
+        opts = GenerationOptions.from_dict(options)
+        reqs = [self.request(t, voice, opts) for t in texts]
+        for r in reqs:
+            self.runtime.submit(r)
+        pending = {r.id for r in reqs}
+        while pending:
+            for r in self.runtime.step():
+                pending.discard(r.id)
+        for r in reqs:
+            if r.status is not Status.FINISHED:
+                err = r.error
+                raise err if isinstance(err, StreamEngineError) else StreamEngineError(str(err))
+        return [r.speech(self.sample_rate) for r in reqs]

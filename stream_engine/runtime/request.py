@@ -1,0 +1,82 @@
+"""A request's life in the runtime: its status, its state per stage, and what it produces."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import numpy as np
+
+from ..bark.prompts import VoicePrompt
+from ..config import GenerationOptions
+
+
+class Status(IntEnum):
+    """Where a request is. It only moves forward; the last three are final."""
+
+    WAITING = 0  # submitted, no stage has taken it yet
+    SEMANTIC = 1  # text -> semantic tokens
+    COARSE = 2  # semantic -> 2 codebooks
+    FINE = 3  # 2 -> 8 codebooks
+    CODEC = 4  # 8 codebooks -> audio
+    FINISHED = 5
+    CANCELLED = 6
+    FAILED = 7
+
+    @property
+    def final(self) -> bool:
+        return self >= Status.FINISHED
+
+
+@dataclass
+class Speech:
+    """What one request produces."""
+
+    semantic: np.ndarray  # (N,) int64 semantic tokens, EOS excluded
+    coarse: np.ndarray  # (2, T) int64 EnCodec codes of the first two codebooks
+    fine: np.ndarray  # (8, T) int64 EnCodec codes
+    audio: np.ndarray  # (T * 320,) float32 at ``sample_rate``
+    sample_rate: int = 24_000
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.audio) / self.sample_rate
+
+
+@dataclass
+class Request:
+    """One text to speak, with everything the stages keep about it."""
+
+    id: int
+    text: str
+    text_ids: list[int]  # tokenizer output, at most 256 ids
+    options: GenerationOptions  # resolved: seed set
+    voice: VoicePrompt | None
+    max_semantic_tokens: int  # cap on generated semantic tokens (EOS included)
+    status: Status = Status.WAITING
+    error: BaseException | None = None
+    # outputs, filled stage by stage
+    semantic: list[int] = field(default_factory=list)
+    coarse: np.ndarray | None = None
+    fine: np.ndarray | None = None
+    audio: np.ndarray | None = None
+    # stage -> (start, end) in time.perf_counter() seconds, for traces and metrics
+    trace: dict[str, list[float]] = field(default_factory=dict)
+    submitted_at: float = field(default_factory=time.perf_counter)
+
+    def mark(self, stage: str) -> None:
+        """Record that ``stage`` did work for this request now (first and last time)."""
+        now = time.perf_counter()
+        span = self.trace.setdefault(stage, [now, now])
+        span[1] = now
+
+    def speech(self, sample_rate: int) -> Speech:
+        assert self.coarse is not None and self.fine is not None and self.audio is not None
+        return Speech(
+            semantic=np.asarray(self.semantic, dtype=np.int64),
+            coarse=self.coarse,
+            fine=self.fine,
+            audio=self.audio,
+            sample_rate=sample_rate,
+        )

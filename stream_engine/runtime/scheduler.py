@@ -1,0 +1,63 @@
+"""The scheduling policy: which waiting requests enter which stage, and which stages run.
+
+Pure: no torch, no asyncio, no clocks. The engine loop describes the stages as
+:class:`StageState` and the queues as lists of :class:`Ticket`; the policy answers with a
+:class:`Plan`. Tested with fake stages in ``tests/runtime/test_scheduler.py``.
+
+Policy:
+
+* Each stage admits waiting requests in ticket order (oldest first; a stream's segments get
+  increasing tickets, so they pass through every stage in order) while it has free slots.
+* Every stage with work runs once per iteration, downstream first, so that a request nearer to
+  producing audio is never held back by one that has just arrived: the codec and fine stages
+  free their slots before the coarse and semantic stages fill theirs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+STAGES = ("semantic", "coarse", "fine", "codec")  # the order work flows through
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """A request waiting to enter a stage."""
+
+    request_id: int  # the runtime's id for the request
+    order: int  # global arrival order: lower goes first
+
+
+@dataclass(frozen=True)
+class StageState:
+    """What the policy needs to know about one stage."""
+
+    free: int  # free slots
+    active: int  # requests inside the stage now
+
+
+@dataclass
+class Plan:
+    """One iteration of the engine loop."""
+
+    admit: dict[str, list[int]] = field(default_factory=dict)  # stage -> request ids, in order
+    run: list[str] = field(default_factory=list)  # stages to step, in this order
+
+    @property
+    def idle(self) -> bool:
+        return not (self.run or any(self.admit.values()))
+
+
+class Scheduler:
+    """FIFO admission into bounded stages; downstream-first execution."""
+
+    def plan(self, waiting: dict[str, list[Ticket]], stages: dict[str, StageState]) -> Plan:
+        plan = Plan()
+        for name in STAGES:
+            state = stages[name]
+            queue = sorted(waiting.get(name, []), key=lambda t: t.order)
+            plan.admit[name] = [t.request_id for t in queue[: state.free]]
+            if state.active + len(plan.admit[name]) > 0:
+                plan.run.append(name)
+        plan.run.reverse()  # downstream first
+        return plan

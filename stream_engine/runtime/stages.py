@@ -1,0 +1,549 @@
+"""The four stages of Bark, each advancing a batch of requests by one step at a time.
+
+A stage owns a fixed number of *slots* and the buffers for them, allocated once. ``admit``
+puts a request into a free slot, ``step`` advances every admitted request by one unit of work
+and returns the requests that left the stage, ``remove`` takes one out (cancellation). Requests
+join and leave only between steps, and rows never influence each other: a request's tokens are
+the same whatever else shares its batch.
+
+Units of work: the semantic stage makes one token per request per step; the coarse stage one
+token (a window's first token comes from its prefill); the fine stage runs one codebook of one
+1024-frame window; the codec decodes one request's audio.
+
+Host syncs: positions and window bookkeeping are known on the host without reading the device.
+Tokens are read back only when the host needs them: the semantic stage every ``sync_every``
+steps or when a request reaches its cap (a request whose EOS is seen late decoded a few tokens
+it will discard), the coarse stage at the end of each window (the next window's prompt is built
+from them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..bark import prompts
+from ..bark.model import CausalGPT, FineGPT
+from ..bark.prompts import BarkConstants
+from ..bark.sampling import RowParams, apply_min_eos_p, choose, choose_fine
+from .request import Request, Status
+
+NEVER = float("inf")  # a min_eos_p that never fires
+
+
+@dataclass
+class _Row:
+    """Host-side state of one slot."""
+
+    req: Request
+    pos: int = 0  # position of the next input token in the slot's cache
+    generated: int = 0  # tokens produced so far (read back or not)
+    prefill: bool = True  # the next step prefills this row instead of decoding it
+    done: bool = False  # left the stage (EOS seen or cap reached)
+    # coarse only
+    semantic: list[int] = field(default_factory=list)  # voice history + semantic tokens
+    base: int = 0  # length of the voice's semantic history
+    coarse: list[int] = field(default_factory=list)  # history + generated coarse tokens
+    hist_len: int = 0  # length of the coarse history
+    total: int = 0  # coarse tokens to generate
+    window_left: int = 0  # tokens left in the current window
+    in_window: int = 0  # tokens made in the current window (its parity picks the codebook)
+
+
+class _Slots:
+    """Fixed slots with the lowest free one taken first (keeps decode batches dense)."""
+
+    def __init__(self, n: int) -> None:
+        self.rows: list[_Row | None] = [None] * n
+
+    @property
+    def free(self) -> int:
+        return sum(r is None for r in self.rows)
+
+    @property
+    def active(self) -> int:
+        return len(self.rows) - self.free
+
+    def take(self, row: _Row) -> int:
+        i = self.rows.index(None)
+        self.rows[i] = row
+        return i
+
+    def find(self, req: Request) -> int | None:
+        for i, r in enumerate(self.rows):
+            if r is not None and r.req is req:
+                return i
+        return None
+
+    def release(self, i: int) -> None:
+        self.rows[i] = None
+
+    def items(self) -> list[tuple[int, _Row]]:
+        return [(i, r) for i, r in enumerate(self.rows) if r is not None]
+
+
+class _Params:
+    """Per-slot sampling options on the device, written when a request is admitted."""
+
+    def __init__(self, n: int, device: torch.device) -> None:
+        self.p = RowParams.build([1.0] * n, [0] * n, [1.0] * n, [True] * n, [0] * n, device)
+        self.min_eos_p = torch.full((n,), NEVER, device=device)
+        self.device = device
+
+    def set(self, i: int, temp: float, req: Request, min_eos_p: float | None = None) -> None:
+        o = req.options
+        self.p.temperature[i] = temp
+        self.p.top_k[i] = o.top_k or 0
+        self.p.top_p[i] = o.top_p if o.top_p is not None else 1.0
+        self.p.greedy[i] = o.greedy
+        self.p.seed[i] = int(o.seed or 0)
+        self.min_eos_p[i] = NEVER if min_eos_p is None else min_eos_p
+
+    def rows(self, idx: Tensor | slice) -> RowParams:
+        p = self.p
+        return RowParams(p.temperature[idx], p.top_k[idx], p.top_p[idx], p.greedy[idx], p.seed[idx])
+
+
+class Stage:
+    """Common interface; see the module docstring."""
+
+    name = "stage"
+
+    def __init__(self, slots: int) -> None:
+        self.slots = _Slots(slots)
+
+    @property
+    def free(self) -> int:
+        return self.slots.free
+
+    @property
+    def active(self) -> int:
+        return self.slots.active
+
+    def admit(self, req: Request) -> None:
+        raise NotImplementedError
+
+    def step(self) -> list[Request]:
+        raise NotImplementedError
+
+    def remove(self, req: Request) -> bool:
+        i = self.slots.find(req)
+        if i is None:
+            return False
+        self.slots.release(i)
+        return True
+
+
+class SemanticStage(Stage):
+    """Text (+ voice) -> semantic tokens, until EOS or the request's cap."""
+
+    name = "semantic"
+
+    def __init__(
+        self, model: CausalGPT, consts: BarkConstants, slots: int, sync_every: int = 1
+    ) -> None:
+        super().__init__(slots)
+        self.model, self.c, self.sync_every = model, consts, sync_every
+        dev = model.lm_head.weight.device
+        self.device = dev
+        model.setup_cache(slots)
+        self.params = _Params(slots, dev)
+        self.next_ids = torch.zeros(slots, dtype=torch.long, device=dev)
+        V = model.cfg.output_vocab_size
+        # Bark suppresses every id above EOS: (semantic_vocab, pad) and (pad, V)
+        keep = torch.zeros(V, dtype=torch.bool, device=dev)
+        keep[: consts.semantic_vocab_size] = True
+        keep[consts.semantic_pad_token] = True
+        self.suppress = ~keep
+        self.prompt_len = consts.max_input_semantic_length + 1
+        self._pending: list[tuple[Tensor, list[_Row]]] = []
+        self._since_sync = 0
+
+    def admit(self, req: Request) -> None:
+        row = _Row(req)
+        i = self.slots.take(row)
+        o = req.options
+        self.params.set(i, o.text_temp, req, o.min_eos_p)
+        req.status = Status.SEMANTIC
+
+    def _scores(self, logits: Tensor, idx: Tensor | slice) -> Tensor:
+        scores = logits.float().masked_fill(self.suppress, float("-inf"))
+        return apply_min_eos_p(scores, self.c.semantic_pad_token, self.params.min_eos_p[idx])
+
+    def _prefill(self, rows: list[tuple[int, _Row]]) -> None:
+        c, dev = self.c, self.device
+        text, hist = [], []
+        for _, r in rows:
+            t, h = prompts.semantic_prompt(r.req.text_ids, r.req.voice, c)
+            text.append(t)
+            hist.append(h)
+        emb = self.model.embed
+        text_t = torch.tensor(text, device=dev)
+        hist_t = torch.tensor(hist, device=dev)
+        infer = torch.full((len(rows), 1), c.semantic_infer_token, device=dev)
+        x = torch.cat([emb(text_t) + emb(hist_t), emb(infer)], dim=1)  # (B, 257, C)
+        slots = torch.tensor([i for i, _ in rows], device=dev)
+        last = torch.full((len(rows),), self.prompt_len - 1, device=dev)
+        logits = self.model.prefill(x, slots, last)
+        tok = choose(self._scores(logits, slots), self.params.rows(slots), torch.zeros_like(slots))
+        self.next_ids[slots] = tok
+        for _, r in rows:
+            r.prefill, r.pos = False, self.prompt_len
+        self._pending.append((tok, [r for _, r in rows]))
+
+    def _decode(self, rows: list[tuple[int, _Row]]) -> None:
+        n = max(i for i, _ in rows) + 1
+        pos = [0] * n  # empty and prefilling slots decode a dummy token at position 0
+        for i, r in rows:
+            pos[i] = r.pos
+        pos_t = torch.tensor(pos, device=self.device)
+        kv_len = max(pos) + 1
+        logits = self.model.decode(self.next_ids[:n], pos_t, kv_len)
+        counter = (pos_t - (self.prompt_len - 1)).clamp(min=0)
+        p = self.params.rows(slice(0, n))
+        tok = choose(
+            self._scores(logits, slice(0, n)),
+            p,
+            counter,
+            use_top_k=any(r.req.options.top_k for _, r in rows),
+            use_top_p=any(r.req.options.top_p for _, r in rows),
+        )
+        self.next_ids[:n] = tok
+        ordered: list[_Row | None] = [None] * n
+        for i, r in rows:
+            ordered[i] = r
+            r.pos += 1
+        self._pending.append((tok, ordered))  # type: ignore[arg-type]
+
+    def step(self) -> list[Request]:
+        live = [(i, r) for i, r in self.slots.items() if not r.done]
+        decoding = [(i, r) for i, r in live if not r.prefill]
+        if decoding:
+            self._decode(decoding)
+        starting = [(i, r) for i, r in live if r.prefill]
+        if starting:
+            self._prefill(starting)
+        for _, r in live:
+            r.generated += 1
+            r.req.mark(self.name)
+        self._since_sync += 1
+        at_cap = any(r.generated >= r.req.max_semantic_tokens for _, r in live)
+        if at_cap or self._since_sync >= self.sync_every:
+            return self._sync()
+        return []
+
+    def _sync(self) -> list[Request]:
+        """Read back pending tokens, find EOS, free finished slots."""
+        self._since_sync = 0
+        if not self._pending:
+            return []
+        flat = torch.cat([t for t, _ in self._pending]).tolist()
+        k = 0
+        for _, owners in self._pending:
+            for r in owners:
+                tok = flat[k]
+                k += 1
+                if r is None or r.done:
+                    continue
+                if tok == self.c.semantic_pad_token:
+                    r.done = True  # EOS: not part of the output
+                    continue
+                r.req.semantic.append(tok)
+                if len(r.req.semantic) >= r.req.max_semantic_tokens:
+                    r.done = True
+        self._pending.clear()
+        out = []
+        for i, r in self.slots.items():
+            if r.done:
+                self.slots.release(i)
+                out.append(r.req)
+        return out
+
+    def remove(self, req: Request) -> bool:
+        removed = super().remove(req)
+        if removed:
+            # drop its unread tokens: rows that left are simply skipped
+            for _, owners in self._pending:
+                for r in owners:
+                    if r is not None and r.req is req:
+                        r.done = True
+        return removed
+
+
+class CoarseStage(Stage):
+    """Semantic tokens -> the first two codebooks, in Bark's sliding windows."""
+
+    name = "coarse"
+
+    def __init__(self, model: CausalGPT, consts: BarkConstants, slots: int) -> None:
+        super().__init__(slots)
+        self.model, self.c = model, consts
+        dev = model.lm_head.weight.device
+        self.device = dev
+        model.setup_cache(slots)
+        self.params = _Params(slots, dev)
+        self.next_ids = torch.zeros(slots, dtype=torch.long, device=dev)
+        self.vocab = torch.arange(model.cfg.output_vocab_size, device=dev)
+        self._pending: list[tuple[Tensor, list[_Row | None]]] = []
+
+    def admit(self, req: Request) -> None:
+        c = self.c
+        sem_hist, coarse_hist = prompts.coarse_histories(req.voice, c)
+        row = _Row(
+            req,
+            semantic=sem_hist + list(req.semantic),
+            base=len(sem_hist),
+            coarse=list(coarse_hist),
+            hist_len=len(coarse_hist),
+            total=prompts.coarse_length(len(req.semantic), c),
+        )
+        i = self.slots.take(row)
+        self.params.set(i, req.options.coarse_temp, req)
+        req.status = Status.COARSE
+        if row.total == 0:
+            row.done = True
+
+    def _scores(self, logits: Tensor, codebook: list[int]) -> Tensor:
+        """Bark's alternating codebooks, as transformers' ``AlternatingCodebooksLogitsProcessor``.
+
+        The first codebook may use ids [10000, 11024); the second only loses ids below 11024,
+        so ids from 12048 up stay allowed (original Bark cut them too). Trained weights never
+        pick them; random ones do, and we follow the reference token for token. Such an id
+        maps back into [0, 1024) by the remainder the fine stage takes.
+        """
+        c = self.c
+        cb = torch.tensor(codebook, device=self.device)[:, None]
+        lo = c.semantic_vocab_size + cb * c.codebook_size
+        hi = torch.where(cb == 0, lo + c.codebook_size, self.vocab.numel())
+        allowed = (self.vocab[None] >= lo) & (self.vocab[None] < hi)
+        return logits.float().masked_fill(~allowed, float("-inf"))
+
+    def _choose(self, logits: Tensor, rows: list[_Row | None], idx: Tensor | slice) -> Tensor:
+        opts = [r.req.options for r in rows if r is not None]
+        return choose(
+            self._scores(logits, [0 if r is None else r.in_window % 2 for r in rows]),
+            self.params.rows(idx),
+            torch.tensor([0 if r is None else r.generated for r in rows], device=self.device),
+            use_top_k=any(o.top_k for o in opts),
+            use_top_p=any(o.top_p for o in opts),
+        )
+
+    def _prefill(self, rows: list[tuple[int, _Row]]) -> None:
+        c, dev = self.c, self.device
+        seqs = []
+        for _, r in rows:
+            generated = len(r.coarse) - r.hist_len
+            seqs.append(prompts.coarse_window_prompt(r.semantic, r.base, r.coarse, generated, c))
+            r.window_left = min(c.sliding_window_len, r.total - generated)
+            r.in_window = 0
+            r.pos = len(seqs[-1])
+        T = max(len(s) for s in seqs)
+        ids = torch.tensor([s + [0] * (T - len(s)) for s in seqs], device=dev)  # right-padded
+        slots = torch.tensor([i for i, _ in rows], device=dev)
+        last = torch.tensor([len(s) - 1 for s in seqs], device=dev)
+        logits = self.model.prefill(self.model.embed(ids), slots, last)
+        owners: list[_Row | None] = [r for _, r in rows]
+        tok = self._choose(logits, owners, slots)  # the window's first token: codebook 0
+        self.next_ids[slots] = tok
+        for _, r in rows:
+            r.prefill = False
+        self._pending.append((tok, owners))
+
+    def _decode(self, rows: list[tuple[int, _Row]]) -> None:
+        n = max(i for i, _ in rows) + 1
+        pos = [0] * n
+        owners: list[_Row | None] = [None] * n
+        for i, r in rows:
+            pos[i], owners[i] = r.pos, r
+        logits = self.model.decode(
+            self.next_ids[:n], torch.tensor(pos, device=self.device), max(pos) + 1
+        )
+        tok = self._choose(logits, owners, slice(0, n))
+        self.next_ids[:n] = tok
+        for _, r in rows:
+            r.pos += 1
+        self._pending.append((tok, owners))
+
+    def step(self) -> list[Request]:
+        live = [(i, r) for i, r in self.slots.items() if not r.done]
+        decoding = [(i, r) for i, r in live if not r.prefill]
+        if decoding:
+            self._decode(decoding)
+        starting = [(i, r) for i, r in live if r.prefill]
+        if starting:
+            self._prefill(starting)
+        window_end = False
+        for _, r in live:
+            r.generated += 1
+            r.window_left -= 1
+            r.in_window += 1
+            r.req.mark(self.name)
+            window_end |= r.window_left == 0
+        return self._sync() if window_end else self._finished()
+
+    def _sync(self) -> list[Request]:
+        flat = torch.cat([t for t, _ in self._pending]).tolist() if self._pending else []
+        k = 0
+        for _, owners in self._pending:
+            for r in owners:
+                if r is not None and not r.done:
+                    r.coarse.append(flat[k])
+                k += 1
+        self._pending.clear()
+        for _, r in self.slots.items():
+            if r.window_left == 0 and not r.done:
+                if len(r.coarse) - r.hist_len >= r.total:
+                    r.done = True
+                else:
+                    r.prefill = True  # next window
+        return self._finished()
+
+    def _finished(self) -> list[Request]:
+        out = []
+        for i, r in self.slots.items():
+            if r.done and not self._owns_pending(r):
+                self.slots.release(i)
+                gen = np.asarray(r.coarse[r.hist_len :], dtype=np.int64)
+                frames = gen.reshape(-1, self.c.n_coarse_codebooks).T  # (2, T)
+                r.req.coarse = np.remainder(
+                    frames - self.c.semantic_vocab_size, self.c.codebook_size
+                )
+                out.append(r.req)
+        return out
+
+    def _owns_pending(self, row: _Row) -> bool:
+        return any(row in owners for _, owners in self._pending)
+
+    def remove(self, req: Request) -> bool:
+        i = self.slots.find(req)
+        if i is None:
+            return False
+        row = self.slots.rows[i]
+        assert row is not None
+        row.done = True  # its pending tokens are skipped at the next sync
+        self.slots.release(i)
+        return True
+
+
+class FineStage(Stage):
+    """Two codebooks -> eight, one codebook of one 1024-frame window per step."""
+
+    name = "fine"
+
+    def __init__(self, model: FineGPT, consts: BarkConstants, slots: int) -> None:
+        super().__init__(slots)
+        self.model, self.c = model, consts
+        self.device = model.lm_heads[0].weight.device
+        self.params = _Params(slots, self.device)
+        self.state: dict[int, tuple[Tensor, prompts.FinePlan, list[int]]] = {}
+
+    def admit(self, req: Request) -> None:
+        assert req.coarse is not None
+        c = self.c
+        buf = prompts.fine_input(req.coarse, req.voice, c)
+        n_hist = 0 if req.voice is None else min(req.voice.fine.shape[1], c.max_fine_history_length)
+        plan = prompts.fine_plan(req.coarse.shape[1], n_hist, c)
+        i = self.slots.take(_Row(req))
+        self.params.set(i, 1.0 if req.options.greedy else req.options.fine_temp, req)
+        # progress: [window index, codebook]
+        self.state[i] = (torch.tensor(buf, device=self.device), plan, [0, c.n_coarse_codebooks])
+        req.status = Status.FINE
+
+    def step(self) -> list[Request]:
+        items = self.slots.items()
+        if not items:
+            return []
+        L = self.c.max_fine_input_length
+        windows, books = [], []
+        for i, _ in items:
+            buf, plan, (w, cb) = self.state[i]
+            start, _ = plan.windows[w]
+            windows.append(buf[start : start + L])
+            books.append(cb)
+        codes = torch.stack(windows)  # (B, L, 8)
+        # rows predicting the same codebook share one embedding sum and one head
+        groups: dict[int, list[int]] = {}
+        for b, cb in enumerate(books):
+            groups.setdefault(cb, []).append(b)
+        x = torch.empty(
+            (len(items), L, self.model.cfg.n_embd),
+            dtype=self.model.lm_heads[0].weight.dtype,
+            device=self.device,
+        )
+        for cb, members in groups.items():
+            idx = torch.tensor(members, device=self.device)
+            x[idx] = self.model.embed(codes[idx], cb)
+        h = self.model.body(x)
+        logits = torch.empty((len(items), L, self.c.codebook_size), device=self.device)
+        for cb, members in groups.items():
+            idx = torch.tensor(members, device=self.device)
+            logits[idx] = self.model.head(h[idx], cb)[..., : self.c.codebook_size].float()
+        slots = torch.tensor([i for i, _ in items], device=self.device)
+        counter = torch.tensor(
+            [self.state[i][2][0] * 8 + self.state[i][2][1] for i, _ in items], device=self.device
+        )
+        p = self.params.rows(slots)
+        pred = choose_fine(logits, p.temperature, p.seed, counter)  # (B, L)
+        out = []
+        for b, (i, r) in enumerate(items):
+            buf, plan, prog = self.state[i]
+            start, fill = plan.windows[prog[0]]
+            buf[fill : start + L, prog[1]] = pred[b, fill - start :]
+            r.req.mark(self.name)
+            prog[1] += 1
+            if prog[1] == self.c.n_fine_codebooks:
+                prog[0], prog[1] = prog[0] + 1, self.c.n_coarse_codebooks
+                if prog[0] == len(plan.windows):
+                    end = buf.shape[0] - plan.n_pad
+                    r.req.fine = buf[plan.n_history : end].T.cpu().numpy()
+                    self.slots.release(i)
+                    del self.state[i]
+                    out.append(r.req)
+        return out
+
+    def remove(self, req: Request) -> bool:
+        i = self.slots.find(req)
+        if i is None:
+            return False
+        self.slots.release(i)
+        del self.state[i]
+        return True
+
+
+class CodecStage(Stage):
+    """Eight codebooks -> 24 kHz float32 audio with EnCodec's decoder, one request at a time.
+
+    EnCodec's LSTMs see padding, so requests are not padded together (as in transformers).
+    """
+
+    name = "codec"
+
+    def __init__(self, codec: torch.nn.Module, slots: int) -> None:
+        super().__init__(slots)
+        self.codec = codec
+        self.device = next(codec.parameters()).device
+
+    def admit(self, req: Request) -> None:
+        self.slots.take(_Row(req))
+        req.status = Status.CODEC
+
+    def decode(self, fine: np.ndarray) -> np.ndarray:
+        codes = torch.as_tensor(fine, device=self.device)[:, None]  # (8, 1, T)
+        emb = self.codec.quantizer.decode(codes)  # (1, D, T)
+        audio = self.codec.decoder(emb)  # (1, 1, T * 320)
+        return audio[0, 0].float().cpu().numpy()
+
+    def step(self) -> list[Request]:
+        items = self.slots.items()
+        if not items:
+            return []
+        i, r = items[0]
+        assert r.req.fine is not None
+        r.req.mark(self.name)
+        r.req.audio = self.decode(r.req.fine)
+        r.req.mark(self.name)
+        self.slots.release(i)
+        return [r.req]

@@ -1,0 +1,71 @@
+"""transformers' BarkModel as the reference: the same stages, called the way BarkModel.generate calls them.
+
+``BarkModel.generate`` returns only audio; to compare tokens stage by stage we call its
+sub-models' ``generate`` in its order, with its configs, and check (in the tests) that the audio
+equals ``BarkModel.generate``'s own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers.models.bark.generation_configuration_bark import (
+    BarkCoarseGenerationConfig,
+    BarkFineGenerationConfig,
+    BarkSemanticGenerationConfig,
+)
+
+
+@dataclass
+class Reference:
+    semantic: np.ndarray  # (N,) without EOS
+    coarse: np.ndarray  # (2, T)
+    fine: np.ndarray  # (8, T)
+    audio: np.ndarray  # (T * 320,)
+
+
+@torch.no_grad()
+def reference_generate(model, processor, text: str, voice: str | None, max_new: int) -> Reference:
+    gen = model.generation_config
+    sem_cfg = BarkSemanticGenerationConfig(**gen.semantic_config)
+    sem_cfg.max_new_tokens = max_new
+    coarse_cfg = BarkCoarseGenerationConfig(**gen.coarse_acoustics_config)
+    fine_cfg = BarkFineGenerationConfig(**gen.fine_acoustics_config)
+    inputs = processor(text, voice_preset=voice)
+    history = inputs.get("history_prompt")
+    semantic = model.semantic.generate(
+        inputs["input_ids"],
+        attention_mask=inputs["attention_mask"],
+        history_prompt=history,
+        semantic_generation_config=sem_cfg,
+    )
+    sem_tokens = semantic[0].numpy().copy()
+    coarse = model.coarse_acoustics.generate(
+        semantic,
+        history_prompt=history,
+        semantic_generation_config=sem_cfg,
+        coarse_generation_config=coarse_cfg,
+        codebook_size=gen.codebook_size,
+    )
+    fine = model.fine_acoustics.generate(
+        coarse,
+        history_prompt=history,
+        semantic_generation_config=sem_cfg,
+        coarse_generation_config=coarse_cfg,
+        fine_generation_config=fine_cfg,
+        codebook_size=gen.codebook_size,
+    )
+    audio = model.codec_decode(fine)
+    eos = sem_cfg.eos_token_id
+    sem_tokens = (
+        sem_tokens[: np.argmax(sem_tokens == eos)] if (sem_tokens == eos).any() else sem_tokens
+    )
+    coarse_codes = coarse[0].numpy().reshape(-1, 2).T - sem_cfg.semantic_vocab_size
+    return Reference(
+        semantic=sem_tokens,
+        coarse=np.remainder(coarse_codes, gen.codebook_size),
+        fine=fine[0].numpy(),
+        audio=audio[0].numpy(),
+    )
