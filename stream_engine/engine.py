@@ -21,7 +21,7 @@ from .config import EngineConfig, GenerationOptions
 from .errors import EmptyText, InvalidOption, StreamEngineError, TextTooLong, UnknownVoice
 from .runtime.loop import Runtime
 from .runtime.request import Request, Speech, Status
-from .runtime.stages import CodecStage, CoarseStage, FineStage, SemanticStage
+from .runtime.stages import CoarseStage, CodecStage, FineStage, SemanticStage
 
 # Real Bark speaks about 14 characters of English text per second (measured on suno/bark's
 # examples: ~2.6 words/s); semantic tokens come at 49.9 per second of audio.

@@ -70,8 +70,8 @@ def uniform_noise(seed: Tensor, counter: Tensor, shape: tuple[int, ...]) -> Tens
     """
     B = shape[0]
     n = 1
-    for s in shape[1:]:
-        n *= s
+    for dim in shape[1:]:
+        n *= dim
     idx = torch.arange(n, device=seed.device, dtype=torch.int64).view(1, *shape[1:])
     lead = (B,) + (1,) * (len(shape) - 1)
     s = _mix32((seed & _MASK32).view(lead) ^ 0x5BD1E995)

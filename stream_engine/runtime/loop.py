@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
+import torch
+
 from ..errors import Busy, InternalError
 from .request import Request, Status
 from .scheduler import STAGES, Plan, Scheduler, StageState, Ticket
@@ -56,6 +58,7 @@ class Runtime:
 
     # -- the loop -------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def step(self) -> list[Request]:
         """One iteration; returns the requests that became final (finished or failed)."""
         plan = self.schedule()

@@ -216,7 +216,7 @@ class SemanticStage(Stage):
         for i, r in rows:
             ordered[i] = r
             r.pos += 1
-        self._pending.append((tok, ordered))  # type: ignore[arg-type]
+        self._pending.append((tok, ordered))
 
     def step(self) -> list[Request]:
         live = [(i, r) for i, r in self.slots.items() if not r.done]

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine: venv, CPU torch, libopus, lint, types, tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! ldconfig -p 2>/dev/null | grep -q libopus.so.0; then
+    (apt-get update -qq && apt-get install -y -qq libopus0) >/dev/null
+fi
+[ -x .venv/bin/python ] || python3 -m venv .venv
+# torch first, pinned: on this machine kind 2.13.0 is the CPU wheel on local disk
+.venv/bin/pip install -q "torch==2.13.0"
+.venv/bin/pip install -q -e ".[dev]"
+.venv/bin/ruff format --check stream_engine tests benchmarks
+.venv/bin/ruff check stream_engine tests benchmarks
+.venv/bin/mypy
+.venv/bin/python -m pytest "$@"
