@@ -1,0 +1,28 @@
+"""The pure policy, with fake stage states."""
+
+from stream_engine.runtime.scheduler import Scheduler, StageState, Ticket
+
+
+def states(**free_active):
+    out = {n: StageState(free=0, active=0) for n in ("semantic", "coarse", "fine", "codec")}
+    for name, (free, active) in free_active.items():
+        out[name] = StageState(free=free, active=active)
+    return out
+
+
+def test_admits_oldest_first_up_to_free_slots():
+    waiting = {"semantic": [Ticket(5, 5), Ticket(2, 2), Ticket(9, 9)]}
+    plan = Scheduler().plan(waiting, states(semantic=(2, 0)))
+    assert plan.admit["semantic"] == [2, 5]
+    assert plan.run == ["semantic"]
+
+
+def test_runs_downstream_first_and_skips_idle_stages():
+    plan = Scheduler().plan({}, states(semantic=(1, 3), fine=(0, 2), codec=(4, 1)))
+    assert plan.run == ["codec", "fine", "semantic"]
+
+
+def test_full_stage_admits_nothing_and_idle_plan():
+    plan = Scheduler().plan({"coarse": [Ticket(1, 1)]}, states(coarse=(0, 0)))
+    assert plan.admit["coarse"] == []
+    assert plan.idle
