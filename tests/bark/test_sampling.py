@@ -50,7 +50,9 @@ def test_noise_is_uniform_and_depends_only_on_seed_and_counter():
 def test_sampling_follows_softmax():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     n = 20_000
-    params = RowParams.build([1.0] * n, [0] * n, [1.0] * n, [False] * n, [7] * n, torch.device("cpu"))
+    params = RowParams.build(
+        [1.0] * n, [0] * n, [1.0] * n, [False] * n, [7] * n, torch.device("cpu")
+    )
     toks = choose(logits.expand(n, 4), params, torch.arange(n))
     freq = torch.bincount(toks, minlength=4).float() / n
     assert torch.allclose(freq, torch.softmax(logits[0], -1), atol=0.015)
