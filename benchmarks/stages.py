@@ -5,7 +5,7 @@ Prints a table and writes JSON. Usage:
 
 Measures semantic and coarse decode ms/token at batch 1 (reference: the sub-model's
 ``generate`` with its DynamicCache, greedy) and our aggregate tokens/s at batch 1 and 8.
-Not yet measured here: fine ms/window, codec ms/audio-second, end-to-end RTF (see the issue).
+Also fine ms per 1024-frame window and codec ms per audio second, ours vs reference.\nNot yet measured: end-to-end RTF (see the issue).
 """
 
 from __future__ import annotations
@@ -54,6 +54,33 @@ def reference_ms_per_token(hf_model, prompt: int, tokens: int) -> float:
         return (run(tokens + 1) - run(1)) * 1000 / tokens
 
 
+def fine_and_codec(engine) -> dict[str, float]:
+    """Fine: ms per window (6 codebook passes over 1024 frames); codec: ms per audio second."""
+    hf = engine.loaded.model
+    codes = torch.randint(0, 1024, (1, 1024, 8))
+    out = {}
+    with torch.inference_mode():
+        for label, fn in (
+            ("fine_ours_ms_per_window", lambda cb: engine.fine_model(codes, cb)),
+            ("fine_reference_ms_per_window", lambda cb: hf.fine_acoustics(cb, codes).logits),
+        ):
+            fn(2)
+            t = time.perf_counter()
+            for cb in range(2, 8):
+                fn(cb)
+            out[label] = (time.perf_counter() - t) * 1000
+        fine = torch.randint(0, 1024, (8, 375)).numpy()  # 5 s of audio
+        codec = engine.runtime.stages["codec"]
+        codec.decode(fine)
+        t = time.perf_counter()
+        codec.decode(fine)
+        out["codec_ours_ms_per_audio_s"] = (time.perf_counter() - t) * 1000 / 5
+        t = time.perf_counter()
+        hf.codec_decode(torch.as_tensor(fine)[None])
+        out["codec_reference_ms_per_audio_s"] = (time.perf_counter() - t) * 1000 / 5
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="random:small")
@@ -88,9 +115,13 @@ def main() -> None:
             f"{name:10} {v['reference_ms_per_token']:10.1f} {v['ours_b1_ms_per_token']:8.1f} "
             f"{v['ours_b1_vs_reference']:6.2f} {v['ours_b8_ms_per_step']:12.1f} {v['b8_over_b1_tokens_per_s']:11.2f}"
         )
+    other = fine_and_codec(engine)
+    for key, value in other.items():
+        print(f"{key:32} {value:8.1f}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"model": args.model, "machine": machine, "stages": rows}, f, indent=1)
+            record = {"model": args.model, "machine": machine, "stages": rows, **other}
+            json.dump(record, f, indent=1)
 
 
 if __name__ == "__main__":
