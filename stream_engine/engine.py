@@ -6,6 +6,7 @@ drives the same :class:`~stream_engine.runtime.loop.Runtime` step by step.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -110,7 +111,7 @@ class Engine:
         dev = torch.device(device) if device is not None else _default_device()
         config = config or EngineConfig()
         if attn is not None:
-            config = EngineConfig(**{**config.__dict__, "attn": attn})
+            config = dataclasses.replace(config, attn=attn)
         if config.attn == "flash_attention_2" and dev.type != "cuda":
             raise InvalidOption("flash_attention_2 needs a CUDA device")
         hf_attn = "flash_attention_2" if config.attn == "flash_attention_2" else "eager"

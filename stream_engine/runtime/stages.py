@@ -404,7 +404,7 @@ class CoarseStage(Stage):
     def _finished(self) -> list[Request]:
         out = []
         for i, r in self.slots.items():
-            if r.done and not self._owns_pending(r):
+            if r.done:  # rows become done at a sync (pending read) or at admission
                 self.slots.release(i)
                 gen = np.asarray(r.coarse[r.hist_len :], dtype=np.int64)
                 frames = gen.reshape(-1, self.c.n_coarse_codebooks).T  # (2, T)
@@ -413,9 +413,6 @@ class CoarseStage(Stage):
                 )
                 out.append(r.req)
         return out
-
-    def _owns_pending(self, row: _Row) -> bool:
-        return any(row in owners for _, owners in self._pending)
 
     def remove(self, req: Request) -> bool:
         i = self.slots.find(req)
