@@ -157,9 +157,17 @@ class Engine:
         return self.voices[name]
 
     def request(
-        self, text: str, voice: str | None = None, options: GenerationOptions | None = None
+        self,
+        text: str,
+        voice: str | None = None,
+        options: GenerationOptions | None = None,
+        after: Request | None = None,
     ) -> Request:
-        """Validate and build a request (not yet submitted). Raises on bad input."""
+        """Validate and build a request (not yet submitted). Raises on bad input.
+
+        ``after``: the previous segment of the same stream; this one is then conditioned on its
+        tokens as well as on the voice preset (voice continuity across sentences).
+        """
         options = options or GenerationOptions()
         if options.seed is None:
             options = options.with_seed(random.randrange(2**31))
@@ -170,7 +178,8 @@ class Engine:
             cap = random_model_semantic_tokens(text, self.consts)
         else:
             cap = self.consts.max_new_semantic_tokens
-        return Request(next(self._ids), text, ids, options, self.voice(voice), cap)
+        preset = self.voice(voice)
+        return Request(next(self._ids), text, ids, options, preset, cap, after=after, preset=preset)
 
     @torch.inference_mode()
     def generate(

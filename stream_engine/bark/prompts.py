@@ -116,6 +116,36 @@ class VoicePrompt:
         )
 
 
+def continue_voice(
+    preset: VoicePrompt | None,
+    semantic: np.ndarray | None,
+    coarse: np.ndarray | None = None,
+    fine: np.ndarray | None = None,
+) -> VoicePrompt | None:
+    """The prompt for a stream's next segment: the preset followed by the previous segment.
+
+    Bark's long-form generation conditions each sentence on the previous one's tokens so that
+    the voice does not drift. Here the history is the preset's tokens followed by the previous
+    segment's (each model then keeps only the most recent part it reads). Pieces not yet known
+    (``coarse``/``fine`` while the previous segment is still in those stages) are the preset's
+    alone; each stage reads only its own pieces, taken when the request enters that stage.
+    """
+    if semantic is None:
+        return preset
+    empty2 = np.zeros((2, 0), dtype=np.int64)
+    empty8 = np.zeros((8, 0), dtype=np.int64)
+    base = preset or VoicePrompt(np.zeros(0, dtype=np.int64), empty2, empty8)
+
+    def join(a: np.ndarray, b: np.ndarray | None, axis: int) -> np.ndarray:
+        return a if b is None else np.concatenate([a, np.asarray(b, dtype=np.int64)], axis=axis)
+
+    return VoicePrompt(
+        semantic=join(base.semantic, np.asarray(semantic, dtype=np.int64), 0),
+        coarse=join(base.coarse, coarse, 1),
+        fine=join(base.fine, fine, 1),
+    )
+
+
 # -- semantic -------------------------------------------------------------------------------
 
 

@@ -1,19 +1,34 @@
 """The engine loop: schedule -> execute -> update, one iteration per :meth:`Runtime.step`.
 
-The runtime owns the four stages and a bounded queue in front of each. ``submit`` and
-``cancel`` may be called between steps; requests move from a stage's output to the next
-stage's queue in ``update``. Nothing here is asynchronous: a caller (``Engine.generate`` or the
-server's worker thread) calls ``step`` in a loop.
+The runtime owns the four stages and a bounded queue in front of each. Requests move from a
+stage's output to the next stage's queue in ``update``. ``step`` may run every stage (what
+``Engine.generate`` does, in the caller's thread) or only some of them: the pipeline
+(:mod:`.pipeline`) gives each group of stages its own worker thread, each calling ``step`` on
+its own stages, so the semantic stage of one segment runs while the acoustic stages work on
+the previous one.
+
+Thread safety: queues, the request table and pending removals are guarded by one lock, held
+only for bookkeeping, never while a stage computes. A stage's own state is touched only by the
+thread that steps it: ``cancel`` (any thread) takes a request out of the queues at once and
+asks the stages holding it to drop it at their next step boundary.
+
+Voice continuity: a request may name the previous segment of its stream (``Request.after``).
+It enters a stage only after that segment has left the stage, and its prompt for the stage is
+then continued with that segment's tokens. Cancelling or failing a request cancels or fails
+the requests that wait on it.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterable, Mapping
 
+import numpy as np
 import torch
 
-from ..errors import Busy, InternalError
+from ..bark.prompts import continue_voice
+from ..errors import Busy, Cancelled, InternalError
 from .request import Request, Status
 from .scheduler import STAGES, Plan, Scheduler, StageState, Ticket
 from .stages import Stage
@@ -29,50 +44,89 @@ class Runtime:
         self.scheduler = scheduler or Scheduler()
         self.max_queue = max_queue
         self.requests: dict[int, Request] = {}  # every request not yet final
-        self.queues: dict[str, list[Ticket]] = {name: [] for name in STAGES}
+        self.queues: dict[str, list[Request]] = {name: [] for name in STAGES}
+        self.removals: dict[str, list[Request]] = {name: [] for name in STAGES}
         self.steps = 0
+        # guards requests/queues/removals; workers wait on it for work
+        self.changed = threading.Condition(threading.RLock())
 
-    # -- called by users of the runtime ---------------------------------------------------
+    # -- called by users of the runtime (any thread) --------------------------------------
 
     def submit(self, req: Request) -> None:
-        if len(self.queues["semantic"]) >= self.max_queue:
-            raise Busy(f"{self.max_queue} requests are already waiting")
-        self.requests[req.id] = req
-        self.queues["semantic"].append(Ticket(req.id, req.id))
+        with self.changed:
+            if len(self.queues["semantic"]) >= self.max_queue:
+                raise Busy(f"{self.max_queue} requests are already waiting")
+            self.requests[req.id] = req
+            self.queues["semantic"].append(req)
+            self.changed.notify_all()
 
     def cancel(self, request_id: int) -> bool:
-        """Take a request out of every stage and queue; True if it was still running."""
-        req = self.requests.pop(request_id, None)
-        if req is None:
-            return False
-        for name, queue in self.queues.items():
-            self.queues[name] = [t for t in queue if t.request_id != request_id]
-        for stage in self.stages.values():
-            stage.remove(req)
-        req.status = Status.CANCELLED
-        return True
+        """Cancel a request (and those continuing it); True if it was still running."""
+        with self.changed:
+            req = self.requests.get(request_id)
+            if req is None:
+                return False
+            self._drop(req, Status.CANCELLED, Cancelled("cancelled"))
+            self.changed.notify_all()
+            return True
 
     @property
     def busy(self) -> bool:
         return bool(self.requests)
 
+    def depths(self) -> dict[str, tuple[int, int]]:
+        """stage -> (requests waiting, requests inside), for metrics."""
+        with self.changed:
+            return {n: (len(self.queues[n]), self.stages[n].active) for n in STAGES}
+
     # -- the loop -------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def step(self) -> list[Request]:
-        """One iteration; returns the requests that became final (finished or failed)."""
-        plan = self.schedule()
+    def step(self, names: Iterable[str] = STAGES) -> list[Request]:
+        """One iteration over the stages ``names``; returns requests that became final.
+
+        Final means finished, or failed because a stage raised. Cancelled requests are not
+        returned (``cancel`` already made them final).
+        """
+        names = tuple(names)
+        with self.changed:
+            removals = {n: self.removals[n] for n in names}
+            for n in names:
+                self.removals[n] = []
+        for n, reqs in removals.items():
+            for req in reqs:
+                self.stages[n].remove(req)
+        plan = self.schedule(names)
         outputs = self.execute(plan)
         return self.update(plan, outputs)
 
-    def schedule(self) -> Plan:
-        states = {n: StageState(free=s.free, active=s.active) for n, s in self.stages.items()}
-        plan = self.scheduler.plan(self.queues, states)
-        for name, ids in plan.admit.items():
-            admitted = set(ids)
-            self.queues[name] = [t for t in self.queues[name] if t.request_id not in admitted]
-            for rid in ids:
-                self.stages[name].admit(self.requests[rid])
+    def has_work(self, names: Iterable[str]) -> bool:
+        """Whether ``step(names)`` would do anything now. Call with ``changed`` held."""
+        for n in names:
+            stage = self.stages[n]
+            if stage.active or self.removals[n]:
+                return True
+            if stage.free and any(self._ready(r, n) for r in self.queues[n]):
+                return True
+        return False
+
+    def schedule(self, names: Iterable[str] = STAGES) -> Plan:
+        names = tuple(names)
+        with self.changed:
+            states = {
+                n: StageState(free=self.stages[n].free, active=self.stages[n].active) for n in names
+            }
+            waiting = {
+                n: [Ticket(r.id, r.id, self._ready(r, n)) for r in self.queues[n]] for n in names
+            }
+            plan = self.scheduler.plan(waiting, states)
+            for name, ids in plan.admit.items():
+                admitted = set(ids)
+                entering = [r for r in self.queues[name] if r.id in admitted]
+                self.queues[name] = [r for r in self.queues[name] if r.id not in admitted]
+                for req in sorted(entering, key=lambda r: r.id):
+                    self._continue(req, name)
+                    self.stages[name].admit(req)  # cheap bookkeeping; the caller owns the stage
         return plan
 
     def execute(self, plan: Plan) -> dict[str, list[Request] | BaseException]:
@@ -90,21 +144,80 @@ class Runtime:
         self, plan: Plan, outputs: dict[str, list[Request] | BaseException]
     ) -> list[Request]:
         final: list[Request] = []
-        for name, out in outputs.items():
-            if isinstance(out, BaseException):
-                # the batch's rows are lost: fail every request the stage held
-                for req in list(self.requests.values()):
-                    if self.stages[name].remove(req):
-                        req.status, req.error = Status.FAILED, InternalError(f"{name} failed")
+        with self.changed:
+            for name, out in outputs.items():
+                if isinstance(out, BaseException):
+                    final += self.fail_held((name,))  # the batch's rows are lost
+                    continue
+                for req in out:
+                    if self.requests.get(req.id) is not req:
+                        continue  # cancelled while the stage ran
+                    req.completed = STAGES.index(name) + 1
+                    if req.completed < len(STAGES):
+                        self.queues[STAGES[req.completed]].append(req)
+                    else:
+                        req.status = Status.FINISHED
+                        req.after = None
                         self.requests.pop(req.id, None)
                         final.append(req)
-                continue
-            for req in out:
-                nxt = STAGES.index(name) + 1
-                if nxt < len(STAGES):
-                    self.queues[STAGES[nxt]].append(Ticket(req.id, req.id))
-                else:
-                    req.status = Status.FINISHED
-                    self.requests.pop(req.id, None)
-                    final.append(req)
+            self.changed.notify_all()
         return final
+
+    def fail_held(self, names: Iterable[str]) -> list[Request]:
+        """Fail every request the stages ``names`` hold (after a stage raised); return them.
+
+        Call from the thread that owns those stages.
+        """
+        failed: list[Request] = []
+        with self.changed:
+            for req in list(self.requests.values()):
+                held = [n for n in names if self.stages[n].remove(req)]
+                if held:
+                    failed += self._drop(req, Status.FAILED, InternalError(f"{held[0]} failed"))
+            self.changed.notify_all()
+        return failed
+
+    # -- bookkeeping (with ``changed`` held) ----------------------------------------------
+
+    @staticmethod
+    def _ready(req: Request, stage: str) -> bool:
+        """A request enters a stage after its predecessor has left it."""
+        prev = req.after
+        return prev is None or prev.completed > STAGES.index(stage) or prev.status.final
+
+    @staticmethod
+    def _continue(req: Request, stage: str) -> None:
+        """Condition ``req`` on its predecessor's tokens for ``stage``."""
+        prev = req.after
+        if prev is None:
+            return
+        if stage in ("semantic", "coarse", "fine"):
+            req.voice = continue_voice(
+                req.preset, np.asarray(prev.semantic), prev.coarse, prev.fine
+            )
+        if stage == "fine":
+            req.after = None  # the codec needs nothing from it: let its audio be freed
+
+    def _drop(self, req: Request, status: Status, error: BaseException) -> list[Request]:
+        """Make ``req`` and every request continuing it final; return them."""
+        dropped = [req]
+        for other in self.requests.values():
+            if other.after is not None and other.after in dropped:
+                dropped.append(other)  # requests are in id order: chains resolve in one pass
+        for r in dropped:
+            self.requests.pop(r.id, None)
+            for name in STAGES:
+                if r in self.queues[name]:
+                    self.queues[name].remove(r)
+                elif r.status in _INSIDE[name]:
+                    self.removals[name].append(r)
+            r.status, r.error, r.after = status, error, None
+        return dropped
+
+
+_INSIDE = {
+    "semantic": (Status.SEMANTIC,),
+    "coarse": (Status.COARSE,),
+    "fine": (Status.FINE,),
+    "codec": (Status.CODEC,),
+}

@@ -52,8 +52,13 @@ class Request:
     text: str
     text_ids: list[int]  # tokenizer output, at most 256 ids
     options: GenerationOptions  # resolved: seed set
-    voice: VoicePrompt | None
+    voice: VoicePrompt | None  # what the stages read: the preset, continued by ``after``
     max_semantic_tokens: int  # cap on generated semantic tokens (EOS included)
+    # voice continuity: the previous segment of the same stream, whose tokens this one is
+    # conditioned on (stage by stage); dropped once the last stage that needs it has started
+    after: Request | None = None
+    preset: VoicePrompt | None = None  # the stream's voice preset (``voice`` before continuing)
+    completed: int = 0  # stages this request has left, in STAGES order
     status: Status = Status.WAITING
     error: BaseException | None = None
     # outputs, filled stage by stage

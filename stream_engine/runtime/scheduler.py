@@ -8,6 +8,9 @@ Policy:
 
 * Each stage admits waiting requests in ticket order (oldest first; a stream's segments get
   increasing tickets, so they pass through every stage in order) while it has free slots.
+  A ticket that is not *ready* (its stream's previous segment has not yet left this stage, and
+  this segment is conditioned on that segment's tokens) is passed over without blocking the
+  tickets behind it.
 * Every stage with work runs once per iteration, downstream first, so that a request nearer to
   producing audio is never held back by one that has just arrived: the codec and fine stages
   free their slots before the coarse and semantic stages fill theirs.
@@ -26,6 +29,7 @@ class Ticket:
 
     request_id: int  # the runtime's id for the request
     order: int  # global arrival order: lower goes first
+    ready: bool = True  # False while the request waits for its predecessor in the stream
 
 
 @dataclass(frozen=True)
@@ -52,10 +56,13 @@ class Scheduler:
     """FIFO admission into bounded stages; downstream-first execution."""
 
     def plan(self, waiting: dict[str, list[Ticket]], stages: dict[str, StageState]) -> Plan:
+        """Plan the stages named in ``stages`` (a worker may own only some of them)."""
         plan = Plan()
         for name in STAGES:
+            if name not in stages:
+                continue
             state = stages[name]
-            queue = sorted(waiting.get(name, []), key=lambda t: t.order)
+            queue = sorted((t for t in waiting.get(name, []) if t.ready), key=lambda t: t.order)
             plan.admit[name] = [t.request_id for t in queue[: state.free]]
             if state.active + len(plan.admit[name]) > 0:
                 plan.run.append(name)

@@ -537,7 +537,7 @@ class CodecStage(Stage):
         items = self.slots.items()
         if not items:
             return []
-        i, r = items[0]
+        i, r = min(items, key=lambda item: item[1].req.id)  # oldest first: a stream stays in order
         assert r.req.fine is not None
         r.req.mark(self.name)
         r.req.audio = self.decode(r.req.fine)

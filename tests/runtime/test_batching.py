@@ -55,4 +55,8 @@ def test_cancel_frees_every_stage(tiny):
         rt.step()
     assert rt.cancel(r.id)
     assert not rt.busy
+    assert r.status.name == "CANCELLED"
+    assert rt.stages["semantic"].active == 1  # stages drop it at their next step boundary
+    assert rt.step() == []
     assert all(s.active == 0 for s in rt.stages.values())
+    assert not rt.cancel(r.id)
