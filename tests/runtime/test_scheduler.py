@@ -26,3 +26,17 @@ def test_full_stage_admits_nothing_and_idle_plan():
     plan = Scheduler().plan({"coarse": [Ticket(1, 1)]}, states(coarse=(0, 0)))
     assert plan.admit["coarse"] == []
     assert plan.idle
+
+
+def test_unready_ticket_does_not_block_those_behind_it():
+    waiting = {"coarse": [Ticket(1, 1, ready=False), Ticket(2, 2), Ticket(3, 3)]}
+    plan = Scheduler().plan(waiting, states(coarse=(1, 0)))
+    assert plan.admit["coarse"] == [2]
+
+
+def test_plans_only_the_stages_it_is_given():
+    st = states(semantic=(1, 1), coarse=(1, 1))
+    del st["coarse"], st["fine"], st["codec"]
+    plan = Scheduler().plan({"coarse": [Ticket(1, 1)]}, st)
+    assert plan.run == ["semantic"]
+    assert "coarse" not in plan.admit
