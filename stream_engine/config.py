@@ -95,3 +95,29 @@ class EngineConfig:
             _integer(name, getattr(self, name), 1, 4096)
         if self.attn not in ("sdpa", "eager", "flash_attention_2"):
             raise InvalidOption(f"attn must be sdpa, eager or flash_attention_2, got {self.attn!r}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How the server listens and what it allows each client (see docs/protocol.md)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8765  # 0 picks a free port (tests)
+    max_connections: int = 64  # open WebSocket connections, all clients together
+    max_connections_per_ip: int = 16  # open connections from one client address
+    max_message_bytes: int = 64 * 1024  # larger client frames close the connection with 1009
+    max_unsent_bytes: int = 8 * 1024 * 1024  # audio queued for a client that does not read
+    token: str | None = None  # bearer token required by /v1/tts (header or ?token=)
+    allowed_origins: tuple[str, ...] | None = None  # browser Origins allowed; None: any
+    shutdown_timeout_s: float = 10.0  # on SIGTERM: time streams get to finish
+    continuity: bool = True  # condition each segment on the previous one's tokens
+
+    def __post_init__(self) -> None:
+        _integer("port", self.port, 0, 65535)
+        for name in ("max_connections", "max_connections_per_ip"):
+            _integer(name, getattr(self, name), 1, 1_000_000)
+        _integer("max_message_bytes", self.max_message_bytes, 1024, 64 * 1024 * 1024)
+        _integer("max_unsent_bytes", self.max_unsent_bytes, 64 * 1024, 1024 * 1024 * 1024)
+        _number("shutdown_timeout_s", self.shutdown_timeout_s, 0.0, 3600.0)
+        if self.token is not None and (not isinstance(self.token, str) or not self.token):
+            raise InvalidOption("token must be a non-empty string")

@@ -149,6 +149,10 @@ class Engine:
             raise TextTooLong(f"text is {len(ids)} tokens; Bark reads at most {limit} at once")
         return ids
 
+    def count_tokens(self, text: str) -> int:
+        """Text tokens Bark would read for ``text`` (no validation; for the segmenter)."""
+        return len(self.loaded.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+
     def voice(self, name: str | None) -> VoicePrompt | None:
         if name is None:
             return None
