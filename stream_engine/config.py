@@ -15,7 +15,13 @@ from .errors import InvalidOption
 
 
 def _number(name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidOption(f"{name} must be a finite number, got {value!r}")
+    if isinstance(value, int) and abs(value) > 2**53:  # math.isfinite overflows on huge ints
+        raise InvalidOption(
+            f"{name} must be in [{lo}, {hi}], got a {value.bit_length()}-bit integer"
+        )
+    if not math.isfinite(value):
         raise InvalidOption(f"{name} must be a finite number, got {value!r}")
     if value < lo or value > hi or (lo_open and value == lo):
         bracket = "(" if lo_open else "["

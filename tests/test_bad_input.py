@@ -31,6 +31,7 @@ def test_unknown_voice(tiny, voice):
     [
         {"text_temp": 0},
         {"text_temp": float("nan")},
+        {"text_temp": 10**400},
         {"top_k": 0},
         {"top_p": 1.5},
         {"min_eos_p": -1},
