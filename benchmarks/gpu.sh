@@ -14,15 +14,17 @@
 #   bench-large  ~5 min  random:large: stages.py, then decode graphs vs eager
 #   e2e-large    ~7 min  random:large: end_to_end.py
 #   all          every device part in a row (no overall limit: not for the device tool)
-# Parts that fit 10 minutes together can share a call: "benchmarks/gpu.sh bench-small e2e-small".
+# Several parts may share a call only if their step limits add up to less than 10 minutes
+# (e.g. "benchmarks/gpu.sh bench-small" alone is 8 min of limits).
 #
 # With the device tool (30 min of device time a session, a cold start costs 1-2 min; a call
-# that finds the machine warm starts at once, so run the parts back to back):
+# that finds the machine warm starts at once, so run the parts back to back, most wanted first):
 #   1. here, once:  benchmarks/gpu.sh wheels
 #   2. run(command="benchmarks/gpu.sh tests", carry=[".whl"], timeout_s=600)
-#   3. run(command="benchmarks/gpu.sh bench-small e2e-small", carry=[".whl"], timeout_s=600)
-#   4. run(command="benchmarks/gpu.sh bench-large", carry=[".whl"], timeout_s=600)
-#   5. run(command="benchmarks/gpu.sh e2e-large", carry=[".whl"], timeout_s=600)  # if time is left
+#   3. run(command="benchmarks/gpu.sh bench-small", carry=[".whl"], timeout_s=600)
+#   4. run(command="benchmarks/gpu.sh e2e-small", carry=[".whl"], timeout_s=600)
+#   5. run(command="benchmarks/gpu.sh bench-large", carry=[".whl"], timeout_s=600)
+#   6. run(command="benchmarks/gpu.sh e2e-large", carry=[".whl"], timeout_s=600)  # if time is left
 # (.whl is only needed by the tests part; carrying it elsewhere costs nothing.)
 # Nothing else needs carrying: the device's own python3 has CUDA torch, transformers, numpy,
 # accelerate, pytest and pytest-timeout; the package runs from the working tree (PYTHONPATH).
