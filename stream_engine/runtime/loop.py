@@ -35,6 +35,8 @@ from .stages import Stage
 
 log = logging.getLogger(__name__)
 
+MAX_RETRIES = 2  # times a request is retried after its stage raised
+
 
 class Runtime:
     def __init__(
@@ -113,11 +115,16 @@ class Runtime:
     def schedule(self, names: Iterable[str] = STAGES) -> Plan:
         names = tuple(names)
         with self.changed:
+            solo_inside = {
+                STAGES[r.status - 1] for r in self.requests.values() if r.solo and r.status > 0
+            }
             states = {
-                n: StageState(free=self.stages[n].free, active=self.stages[n].active) for n in names
+                n: StageState(self.stages[n].free, self.stages[n].active, n in solo_inside)
+                for n in names
             }
             waiting = {
-                n: [Ticket(r.id, r.id, self._ready(r, n)) for r in self.queues[n]] for n in names
+                n: [Ticket(r.id, r.id, self._ready(r, n), r.solo) for r in self.queues[n]]
+                for n in names
             }
             plan = self.scheduler.plan(waiting, states)
             for name, ids in plan.admit.items():
@@ -147,12 +154,13 @@ class Runtime:
         with self.changed:
             for name, out in outputs.items():
                 if isinstance(out, BaseException):
-                    final += self.fail_held((name,))  # the batch's rows are lost
+                    final += self._stage_failed(name, out)
                     continue
                 for req in out:
                     if self.requests.get(req.id) is not req:
                         continue  # cancelled while the stage ran
                     req.completed = STAGES.index(name) + 1
+                    req.solo = False
                     if req.completed < len(STAGES):
                         self.queues[STAGES[req.completed]].append(req)
                     else:
@@ -176,6 +184,34 @@ class Runtime:
                     failed += self._drop(req, Status.FAILED, InternalError(f"{held[0]} failed"))
             self.changed.notify_all()
         return failed
+
+    def _stage_failed(self, name: str, exc: BaseException) -> list[Request]:
+        """A stage raised: retry its requests one at a time; fail those that fail alone.
+
+        The batch's state is lost, so each request it held starts the stage again, alone
+        (sampling noise is keyed by position, so a retry gives the same tokens). A request
+        that fails alone is the one at fault (or does not fit in memory even alone): it
+        fails with ``internal``, and so do the later segments of its stream.
+        """
+        oom = isinstance(exc, torch.OutOfMemoryError)
+        if oom and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        status = Status(STAGES.index(name) + 1)
+        final: list[Request] = []
+        with self.changed:
+            for req in list(self.requests.values()):
+                if not self.stages[name].remove(req):
+                    continue
+                if req.solo or req.retries >= MAX_RETRIES:
+                    why = "out of memory" if oom else f"the {name} stage failed"
+                    final += self._drop(req, Status.FAILED, InternalError(why))
+                else:
+                    req.retries += 1
+                    req.solo = True
+                    req.restart(status)
+                    self.queues[name].append(req)
+            self.changed.notify_all()
+        return final
 
     # -- bookkeeping (with ``changed`` held) ----------------------------------------------
 

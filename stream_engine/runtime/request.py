@@ -59,6 +59,8 @@ class Request:
     after: Request | None = None
     preset: VoicePrompt | None = None  # the stream's voice preset (``voice`` before continuing)
     completed: int = 0  # stages this request has left, in STAGES order
+    solo: bool = False  # retried alone in its current stage after its batch failed
+    retries: int = 0
     status: Status = Status.WAITING
     error: BaseException | None = None
     # outputs, filled stage by stage
@@ -69,6 +71,18 @@ class Request:
     # stage -> (start, end) in time.perf_counter() seconds, for traces and metrics
     trace: dict[str, list[float]] = field(default_factory=dict)
     submitted_at: float = field(default_factory=time.perf_counter)
+
+    def restart(self, stage: Status) -> None:
+        """Forget what ``stage`` produced so far, to run the stage again from its start."""
+        if stage is Status.SEMANTIC:
+            self.semantic.clear()
+        elif stage is Status.COARSE:
+            self.coarse = None
+        elif stage is Status.FINE:
+            self.fine = None
+        elif stage is Status.CODEC:
+            self.audio = None
+        self.status = Status(stage - 1)
 
     def mark(self, stage: str) -> None:
         """Record that ``stage`` did work for this request now (first and last time)."""

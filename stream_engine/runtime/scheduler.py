@@ -11,6 +11,9 @@ Policy:
   A ticket that is not *ready* (its stream's previous segment has not yet left this stage, and
   this segment is conditioned on that segment's tokens) is passed over without blocking the
   tickets behind it.
+* A *solo* ticket (a request whose batch failed, retried alone to find out which request
+  failed, or to fit in memory) enters only an empty stage, and nothing enters with it or
+  while it is there; when it is first in line the stage admits nothing else, so it drains.
 * Every stage with work runs once per iteration, downstream first, so that a request nearer to
   producing audio is never held back by one that has just arrived: the codec and fine stages
   free their slots before the coarse and semantic stages fill theirs.
@@ -30,6 +33,7 @@ class Ticket:
     request_id: int  # the runtime's id for the request
     order: int  # global arrival order: lower goes first
     ready: bool = True  # False while the request waits for its predecessor in the stream
+    solo: bool = False  # must run alone in the stage (a retry after its batch failed)
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class StageState:
 
     free: int  # free slots
     active: int  # requests inside the stage now
+    solo: bool = False  # a request that must run alone is inside
 
 
 @dataclass
@@ -63,8 +68,23 @@ class Scheduler:
                 continue
             state = stages[name]
             queue = sorted((t for t in waiting.get(name, []) if t.ready), key=lambda t: t.order)
-            plan.admit[name] = [t.request_id for t in queue[: state.free]]
+            plan.admit[name] = self._admit(queue, state)
             if state.active + len(plan.admit[name]) > 0:
                 plan.run.append(name)
         plan.run.reverse()  # downstream first
         return plan
+
+    @staticmethod
+    def _admit(queue: list[Ticket], state: StageState) -> list[int]:
+        if state.solo:
+            return []
+        admit: list[int] = []
+        for t in queue:
+            if len(admit) == state.free:
+                break
+            if t.solo:
+                if not admit and state.active == 0:
+                    admit.append(t.request_id)
+                break  # alone, or wait for the stage to drain
+            admit.append(t.request_id)
+        return admit
