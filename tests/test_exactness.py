@@ -57,11 +57,14 @@ def test_teacher_forced_logits_match_reference(tiny):
         ref = tiny.loaded.model.coarse_acoustics(ids).logits[0]
         m = tiny.coarse_model
         m.setup_cache(1)
-        first = m.prefill(m.embed(ids[:, :257]), torch.tensor([0]), torch.tensor([256]))
-        assert torch.allclose(first[0], ref[256], atol=1e-4)
-        for p in range(257, 300):
-            step = m.decode(ids[0, p : p + 1], torch.tensor([p]), p + 1)
-            assert torch.allclose(step[0], ref[p], atol=1e-4)
+        try:
+            first = m.prefill(m.embed(ids[:, :257]), torch.tensor([0]), torch.tensor([256]))
+            assert torch.allclose(first[0], ref[256], atol=1e-4)
+            for p in range(257, 300):
+                step = m.decode(ids[0, p : p + 1], torch.tensor([p]), p + 1)
+                assert torch.allclose(step[0], ref[p], atol=1e-4)
+        finally:
+            m.setup_cache(tiny.config.coarse_slots)  # the shared engine's coarse stage uses it
         fine_ids = torch.randint(0, 1024, (1, 1024, 8))
         for cb in (2, 5, 7):
             ref_f = tiny.loaded.model.fine_acoustics(cb, fine_ids).logits
