@@ -87,8 +87,11 @@ class Engine:
                     self.consts,
                     config.semantic_slots,
                     sync_every=8 if device.type == "cuda" else 1,
+                    cuda_graphs=config.cuda_graphs,
                 ),
-                "coarse": CoarseStage(coarse, self.consts, config.coarse_slots),
+                "coarse": CoarseStage(
+                    coarse, self.consts, config.coarse_slots, cuda_graphs=config.cuda_graphs
+                ),
                 "fine": FineStage(fine, self.consts, config.fine_batch),
                 "codec": CodecStage(hf.codec_model, config.codec_batch),
             },

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Sequence
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import torch
 from torch import Tensor
@@ -236,9 +236,7 @@ def make_decoder(
     return graphs
 
 
-def to_device(
-    values: Sequence[float], device: torch.device, dtype: torch.dtype = torch.long
-) -> Tensor:
+def to_device(values: Any, device: torch.device, dtype: torch.dtype = torch.long) -> Tensor:
     """A host list as a tensor on ``device``, without a host sync.
 
     ``torch.tensor(values, device="cuda")`` copies from pageable memory and then waits until

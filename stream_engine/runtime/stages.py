@@ -29,6 +29,7 @@ from ..bark import prompts
 from ..bark.model import CausalGPT, FineGPT
 from ..bark.prompts import BarkConstants
 from ..bark.sampling import RowParams, apply_min_eos_p, choose, choose_fine
+from .cuda import make_decoder, to_device
 from .request import Request, Status
 
 NEVER = float("inf")  # a min_eos_p that never fires
@@ -143,13 +144,20 @@ class SemanticStage(Stage):
     name = "semantic"
 
     def __init__(
-        self, model: CausalGPT, consts: BarkConstants, slots: int, sync_every: int = 1
+        self,
+        model: CausalGPT,
+        consts: BarkConstants,
+        slots: int,
+        sync_every: int = 1,
+        cuda_graphs: bool = False,
     ) -> None:
         super().__init__(slots)
         self.model, self.c, self.sync_every = model, consts, sync_every
         dev = model.lm_head.weight.device
         self.device = dev
         model.setup_cache(slots)
+        # decode of all slots: CUDA graphs per batch/kv bucket on CUDA, model.decode elsewhere
+        self.decode = make_decoder(model, slots, dev, cuda_graphs, capture_now=cuda_graphs)
         self.params = _Params(slots, dev)
         self.next_ids = torch.zeros(slots, dtype=torch.long, device=dev)
         V = model.cfg.output_vocab_size
@@ -181,11 +189,11 @@ class SemanticStage(Stage):
             text.append(t)
             hist.append(h)
         emb = self.model.embed
-        text_t = torch.tensor(text, device=dev)
-        hist_t = torch.tensor(hist, device=dev)
+        text_t = to_device(text, dev)
+        hist_t = to_device(hist, dev)
         infer = torch.full((len(rows), 1), c.semantic_infer_token, device=dev)
         x = torch.cat([emb(text_t) + emb(hist_t), emb(infer)], dim=1)  # (B, 257, C)
-        slots = torch.tensor([i for i, _ in rows], device=dev)
+        slots = to_device([i for i, _ in rows], dev)
         last = torch.full((len(rows),), self.prompt_len - 1, device=dev)
         logits = self.model.prefill(x, slots, last)
         tok = choose(self._scores(logits, slots), self.params.rows(slots), torch.zeros_like(slots))
@@ -199,9 +207,9 @@ class SemanticStage(Stage):
         pos = [0] * n  # empty and prefilling slots decode a dummy token at position 0
         for i, r in rows:
             pos[i] = r.pos
-        pos_t = torch.tensor(pos, device=self.device)
+        pos_t = to_device(pos, self.device)
         kv_len = max(pos) + 1
-        logits = self.model.decode(self.next_ids[:n], pos_t, kv_len)
+        logits = self.decode(self.next_ids[:n], pos_t, kv_len)
         counter = (pos_t - (self.prompt_len - 1)).clamp(min=0)
         p = self.params.rows(slice(0, n))
         tok = choose(
@@ -278,12 +286,15 @@ class CoarseStage(Stage):
 
     name = "coarse"
 
-    def __init__(self, model: CausalGPT, consts: BarkConstants, slots: int) -> None:
+    def __init__(
+        self, model: CausalGPT, consts: BarkConstants, slots: int, cuda_graphs: bool = False
+    ) -> None:
         super().__init__(slots)
         self.model, self.c = model, consts
         dev = model.lm_head.weight.device
         self.device = dev
         model.setup_cache(slots)
+        self.decode = make_decoder(model, slots, dev, cuda_graphs, capture_now=cuda_graphs)
         self.params = _Params(slots, dev)
         self.next_ids = torch.zeros(slots, dtype=torch.long, device=dev)
         self.vocab = torch.arange(model.cfg.output_vocab_size, device=dev)
@@ -315,7 +326,7 @@ class CoarseStage(Stage):
         maps back into [0, 1024) by the remainder the fine stage takes.
         """
         c = self.c
-        cb = torch.tensor(codebook, device=self.device)[:, None]
+        cb = to_device(codebook, self.device)[:, None]
         lo = c.semantic_vocab_size + cb * c.codebook_size
         hi = torch.where(cb == 0, lo + c.codebook_size, self.vocab.numel())
         allowed = (self.vocab[None] >= lo) & (self.vocab[None] < hi)
@@ -326,7 +337,7 @@ class CoarseStage(Stage):
         return choose(
             self._scores(logits, [0 if r is None else r.in_window % 2 for r in rows]),
             self.params.rows(idx),
-            torch.tensor([0 if r is None else r.generated for r in rows], device=self.device),
+            to_device([0 if r is None else r.generated for r in rows], self.device),
             use_top_k=any(o.top_k for o in opts),
             use_top_p=any(o.top_p for o in opts),
         )
@@ -341,9 +352,9 @@ class CoarseStage(Stage):
             r.in_window = 0
             r.pos = len(seqs[-1])
         T = max(len(s) for s in seqs)
-        ids = torch.tensor([s + [0] * (T - len(s)) for s in seqs], device=dev)  # right-padded
-        slots = torch.tensor([i for i, _ in rows], device=dev)
-        last = torch.tensor([len(s) - 1 for s in seqs], device=dev)
+        ids = to_device([s + [0] * (T - len(s)) for s in seqs], dev)  # right-padded
+        slots = to_device([i for i, _ in rows], dev)
+        last = to_device([len(s) - 1 for s in seqs], dev)
         logits = self.model.prefill(self.model.embed(ids), slots, last)
         owners: list[_Row | None] = [r for _, r in rows]
         tok = self._choose(logits, owners, slots)  # the window's first token: codebook 0
@@ -358,9 +369,7 @@ class CoarseStage(Stage):
         owners: list[_Row | None] = [None] * n
         for i, r in rows:
             pos[i], owners[i] = r.pos, r
-        logits = self.model.decode(
-            self.next_ids[:n], torch.tensor(pos, device=self.device), max(pos) + 1
-        )
+        logits = self.decode(self.next_ids[:n], to_device(pos, self.device), max(pos) + 1)
         tok = self._choose(logits, owners, slice(0, n))
         self.next_ids[:n] = tok
         for _, r in rows:
@@ -446,7 +455,7 @@ class FineStage(Stage):
         i = self.slots.take(_Row(req))
         self.params.set(i, 1.0 if req.options.greedy else req.options.fine_temp, req)
         # progress: [window index, codebook]
-        self.state[i] = (torch.tensor(buf, device=self.device), plan, [0, c.n_coarse_codebooks])
+        self.state[i] = (to_device(buf, self.device), plan, [0, c.n_coarse_codebooks])
         req.status = Status.FINE
 
     def step(self) -> list[Request]:
@@ -471,16 +480,16 @@ class FineStage(Stage):
             device=self.device,
         )
         for cb, members in groups.items():
-            idx = torch.tensor(members, device=self.device)
+            idx = to_device(members, self.device)
             x[idx] = self.model.embed(codes[idx], cb)
         h = self.model.body(x)
         logits = torch.empty((len(items), L, self.c.codebook_size), device=self.device)
         for cb, members in groups.items():
-            idx = torch.tensor(members, device=self.device)
+            idx = to_device(members, self.device)
             logits[idx] = self.model.head(h[idx], cb)[..., : self.c.codebook_size].float()
-        slots = torch.tensor([i for i, _ in items], device=self.device)
-        counter = torch.tensor(
-            [self.state[i][2][0] * 8 + self.state[i][2][1] for i, _ in items], device=self.device
+        slots = to_device([i for i, _ in items], self.device)
+        counter = to_device(
+            [self.state[i][2][0] * 8 + self.state[i][2][1] for i, _ in items], self.device
         )
         p = self.params.rows(slots)
         pred = choose_fine(logits, p.temperature, p.seed, counter)  # (B, L)
