@@ -239,3 +239,19 @@ async def test_binary_header_layout(server):
     stream, index, seq = HEADER.unpack_from(raw[0])
     assert (index, seq) == (0, 0) and stream >= 1
     assert len(raw[0]) > HEADER.size
+
+
+async def test_unspeakable_huge_and_control_text(server):
+    async with await Client.connect(url(server)) as c:
+        await c.speak("punct", "...!!! 🙂 —", final=True)
+        for i in range(10):  # 100 KB in 10 KB messages: over the per-stream text limit
+            await c.speak("huge", "word " * 2_000, final=i == 9)
+        await c.speak("ctl", "Bell\x07 and\x00 null\x1b.", final=True)
+        streams = await collect(c, ["punct", "huge", "ctl"])
+    punct = streams["punct"]
+    assert punct.types == ["started", "done"] and punct.messages[-1]["audio_ms"] == 0
+    assert streams["huge"].messages[-1]["code"] == "limit"
+    ctl = streams["ctl"]
+    assert ctl.types[-1] == "done" and ctl.messages[-1]["audio_ms"] > 0
+    seg = next(m for m in ctl.messages if m["type"] == "segment")
+    assert not any(ord(ch) < 32 for ch in seg["text"])
