@@ -1,0 +1,130 @@
+"""Faults: disconnects, mass cancels, a stage that raises, invalid frames; the server goes on."""
+
+import asyncio
+import json
+import time
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
+from wire import collect
+
+from stream_engine.client import Client
+from stream_engine.config import ServerConfig
+from stream_engine.protocol import ProtocolLimits
+from stream_engine.server.app import Server
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(600)]
+
+
+def url(srv):
+    return f"ws://127.0.0.1:{srv.port}"
+
+
+async def settled(srv, timeout=120.0):
+    """Wait until the engine holds no request and no stage holds a slot."""
+    rt = srv.engine.runtime
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not rt.requests and all(s.active == 0 for s in rt.stages.values()) and not srv.owners:
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def test_disconnect_mid_segment_frees_every_stage(server):
+    c = await Client.connect(url(server))
+    await c.speak("gone", "A long sentence that the client will not wait for at all. " * 3)
+    await c.speak("gone", "", final=True)
+    async for item in c.events():
+        if isinstance(item, dict) and item["type"] == "started":
+            break
+    await asyncio.sleep(0.3)
+    assert server.engine.runtime.requests  # work is in flight
+    c.ws.transport.abort()  # no close handshake: the network just went away
+    assert await settled(server)
+    async with await Client.connect(url(server)) as other:  # and the server still serves
+        await other.speak("ok", "Still working.", final=True)
+        assert (await collect(other, ["ok"]))["ok"].types[-1] == "done"
+
+
+async def test_a_thousand_cancels_in_flight(tiny):
+    limits = ProtocolLimits(
+        max_messages_per_second=100_000,
+        message_burst=100_000,
+        max_chars_per_second=1e6,
+        char_burst=1_000_000,
+    )
+    srv = Server(tiny, ServerConfig(port=0), limits=limits)
+    await srv.start()
+    try:
+        async with (
+            await Client.connect(url(srv)) as canceller,
+            await Client.connect(url(srv)) as bystander,
+        ):
+            await bystander.speak("b", "I keep talking while others cancel.", final=True)
+            for i in range(1000):
+                await canceller.speak(i, f"Number {i} is cancelled.", final=True)
+                await canceller.cancel(i)
+            closing = {"cancelled": 0, "done": 0, "error": 0}
+            codes: list[str] = []
+
+            async def read_canceller():
+                async for item in canceller.events():
+                    if isinstance(item, dict) and item["type"] in closing:
+                        closing[item["type"]] += 1
+                        if item["type"] == "error":
+                            codes.append(item["code"])
+                        if sum(closing.values()) == 1000:
+                            return
+
+            done_b, _ = await asyncio.gather(
+                collect(bystander, ["b"]), asyncio.wait_for(read_canceller(), 300)
+            )
+        assert done_b["b"].types[-1] == "done"
+        assert closing["error"] == 0, codes
+        assert closing["cancelled"] + closing["done"] == 1000
+        assert closing["cancelled"] >= 990  # a cancel can only lose the race to a done
+        assert await settled(srv)
+    finally:
+        await srv.stop(timeout=0)
+
+
+async def test_stage_failure_reaches_only_its_stream(server, monkeypatch):
+    stage = server.engine.runtime.stages["coarse"]
+    real_step = stage.step
+
+    def step():
+        if any("BOOM" in r.req.text for _, r in stage.slots.items()):
+            raise RuntimeError("simulated kernel failure with a secret /path/in/trace")
+        return real_step()
+
+    monkeypatch.setattr(stage, "step", step)
+    async with await Client.connect(url(server)) as c:
+        await c.speak("bad", "This one says BOOM now.", final=True)
+        await c.speak("good", "This one is fine.", final=True)
+        streams = await collect(c, ["bad", "good"])
+    err = streams["bad"].messages[-1]
+    assert err["type"] == "error" and err["code"] == "internal"
+    assert "secret" not in err["message"] and "Traceback" not in err["message"]
+    assert streams["good"].types[-1] == "done"
+    assert await settled(server)
+
+
+async def test_invalid_utf8_and_path_voices(server):
+    ws = await connect(f"{url(server)}/v1/tts")
+    await ws.recv()  # hello
+    # a text frame that is not UTF-8: the WebSocket layer closes with 1007
+    ws.protocol.send_frame(Frame(Opcode.TEXT, b"\xff\xfe{}"))
+    ws.send_data()
+    with pytest.raises(ConnectionClosed) as info:
+        while True:
+            await asyncio.wait_for(ws.recv(), 30)
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1007
+    async with await Client.connect(url(server)) as c:
+        for i, voice in enumerate(["/etc/passwd", "https://evil.example/v.npz", "../v2/x", "v2"]):
+            await c.speak(f"v{i}", "Hello.", voice=voice)
+        streams = await collect(c, [f"v{i}" for i in range(4)])
+    assert all(s.messages[-1]["code"] == "unknown_voice" for s in streams.values())
+    assert all(json.dumps(s.messages[-1]).count("Traceback") == 0 for s in streams.values())
