@@ -1,33 +1,784 @@
 """A Python client for protocol v1 (``docs/protocol.md``), on websockets' asyncio API.
 
-    async with await Client.connect("ws://127.0.0.1:8765") as c:
-        await c.speak("s1", "Hello there. How are you?", final=True, voice="v2/en_speaker_6")
-        async for item in c.events():
-            ...  # dict messages, and Audio for binary frames
+Streams, several at once on one connection::
 
-:func:`synthesize` speaks one text and returns the float audio.
+    async with connect("ws://127.0.0.1:8765", token=None) as conn:
+        stream = await conn.speak(voice="v2/en_speaker_6", format="pcm_f32le")
+        await stream.send("Hello there. ")          # opens the stream (its first speak)
+        await stream.send("How are you?")
+        await stream.end()                           # final: no more text
+        async for chunk in stream:                   # audio as each piece arrives
+            play(chunk.audio)                        # float32 numpy (PCM, μ-law; Opus if decode=True)
+        print(stream.stats)                          # Done(audio_ms, ttfa_ms, rtf)
+
+    audio, rate = await conn.say("One call, the whole utterance.")
+
+One reader task per connection reads every frame and routes it to its stream: binary frames
+by stream number (from ``started``), JSON messages by id. Each stream has a bounded queue; a
+stream whose chunks nobody reads fills its queue and then holds up the reader, and so every
+other stream of the connection (and at last the server drops the connection as a slow
+reader): read every stream you open, or cancel it. An ``error`` for a stream is raised from
+its iteration (and from :meth:`Stream.send`) as :class:`~stream_engine.errors.ServerError`
+with the protocol's code.
+
+:func:`synthesize` speaks one text on a new connection. :class:`Client` is the low-level,
+message-by-message client (it sends what it is told and yields every frame); the server tests
+use it to send what a well-behaved client never would.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import itertools
 import json
-import struct
-from collections.abc import AsyncIterator
+import logging
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Generator, Iterable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
-from websockets.asyncio.client import ClientConnection, connect
+import numpy.typing as npt
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed
 
-from .errors import InternalError, StreamEngineError
+from .audio.mulaw import ulaw2lin
+from .errors import InternalError, InvalidRequest, ServerError
+from .protocol import HEADER, PATH
 
-HEADER = struct.Struct("<III")  # stream, segment index, sequence number
+__all__ = [
+    "Audio",
+    "Chunk",
+    "Client",
+    "Connection",
+    "Done",
+    "Segment",
+    "ServerError",
+    "Stream",
+    "connect",
+    "decode_audio",
+    "decode_pcm",
+    "synthesize",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUEUE_SIZE = 256  # items per stream: ~25 s of PCM audio at 100 ms a chunk
+OPUS_MAX_FRAME_MS = 120  # the longest frame an Opus packet can hold
+TERMINAL = ("done", "cancelled", "error")
+StreamId = str | int
+Outcome = Literal["done", "cancelled", "error"]
+
+
+def ws_url(url: str) -> str:
+    """``ws://HOST:PORT`` (or the full endpoint URL) -> the protocol's endpoint URL."""
+    url = url.rstrip("/")
+    return url if url.endswith(PATH) else url + PATH
+
+
+# -- decoded results -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Chunk:
+    """One binary frame of a stream, with what the client knows about it."""
+
+    stream: int  # the stream's number (from ``started``)
+    segment: int  # segment index: 0, 1, 2, ...
+    seq: int  # the frame's sequence number in its stream: 0, 1, 2, ...
+    text: str  # what the segment speaks
+    payload: bytes  # the frame's payload as sent (PCM, μ-law bytes or one Opus packet)
+    audio: npt.NDArray[np.float32] | None  # mono float32; None for Opus unless decode=True
+    format: str
+    sample_rate: int
+    arrived: float  # time.monotonic() when the frame arrived
+    elapsed: float  # seconds from the stream's opening ``speak`` to its arrival
+
+    @property
+    def duration(self) -> float:
+        """Seconds of audio in this chunk (0.0 for an undecoded Opus packet)."""
+        return 0.0 if self.audio is None else len(self.audio) / self.sample_rate
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A segment whose audio has ended (from ``segment_end``)."""
+
+    index: int
+    text: str
+    audio_ms: float
+
+
+@dataclass(frozen=True)
+class Done:
+    """The server's figures for a finished stream (``done``)."""
+
+    audio_ms: float
+    ttfa_ms: float | None  # server side: first text received -> first audio sent
+    rtf: float | None  # synthesis time / audio time
+
+
+def decode_audio(payload: bytes, format: str) -> npt.NDArray[np.float32]:
+    """One PCM or μ-law payload as float32 samples in [-1, 1]."""
+    if format == "pcm_f32le":
+        return np.frombuffer(payload, dtype="<f4").astype(np.float32)
+    if format == "pcm_s16le":
+        return np.frombuffer(payload, dtype="<i2").astype(np.float32) / np.float32(32768.0)
+    if format == "mulaw":
+        samples = ulaw2lin(np.frombuffer(payload, dtype=np.uint8))
+        return samples.astype(np.float32) / np.float32(32768.0)
+    raise InvalidRequest(f"decode_audio decodes pcm_s16le, pcm_f32le and mulaw, not {format!r}")
+
+
+def decode_pcm(payloads: list[bytes], format: str) -> npt.NDArray[np.float32]:
+    """PCM or μ-law payloads of one stream as float32 samples."""
+    return decode_audio(b"".join(payloads), format)
+
+
+class _OpusDecoder:
+    def __init__(self, sample_rate: int) -> None:
+        import opuslib
+
+        self._decoder = opuslib.Decoder(sample_rate, 1)
+        self._max_frame = sample_rate * OPUS_MAX_FRAME_MS // 1000
+
+    def decode(self, packet: bytes) -> npt.NDArray[np.float32]:
+        pcm = self._decoder.decode_float(packet, self._max_frame)
+        return np.frombuffer(pcm, dtype=np.float32).copy()
+
+
+# -- one stream ------------------------------------------------------------------------------
+
+
+class Stream:
+    """One utterance on a :class:`Connection`: text in with :meth:`send`, chunks out by
+    ``async for``. Made by :meth:`Connection.speak`.
+
+    The stream opens on the server with its first ``speak`` message: the first :meth:`send`,
+    :meth:`end` or :meth:`open`. Iterating yields :class:`Chunk` objects in order and stops
+    after the last one of a stream that ended ``done`` or ``cancelled``; an ``error`` is
+    raised as :class:`ServerError`. When the server's terminal message arrives, ``outcome``
+    becomes ``"done"``, ``"cancelled"`` or ``"error"`` and ``stats`` / ``error`` are set;
+    ``segments`` lists each ended segment as the iteration passes its end.
+    """
+
+    def __init__(
+        self,
+        conn: Connection,
+        id: StreamId,
+        open_fields: dict[str, Any],
+        decode: bool,
+        queue_size: int,
+    ) -> None:
+        self.conn = conn
+        self.id = id
+        self.decode = decode
+        self._open_fields = open_fields
+        # what ``started`` says
+        self.number: int | None = None
+        self.voice: str | None = None
+        self.format: str | None = None
+        self.sample_rate: int | None = None
+        # the outcome
+        self.outcome: Outcome | None = None
+        self.stats: Done | None = None
+        self.error: ServerError | None = None
+        self.segments: list[Segment] = []
+        self.opened_at: float | None = None  # time.monotonic() of the opening speak
+        self.first_audio_at: float | None = None
+        # client side state
+        self.opened = False
+        self.final = False
+        self._cancelling = False  # cancel sent (or asked for): audio is dropped from now on
+        self._queue: asyncio.Queue[Chunk | dict[str, Any]] = asyncio.Queue(queue_size)
+        self._wakeup = asyncio.Event()
+        self._ended = asyncio.Event()  # the terminal message arrived (or the connection died)
+        self._started = asyncio.Event()
+        self._texts: dict[int, str] = {}  # segment index -> text, as ``segment`` arrives
+        self._opus: _OpusDecoder | None = None
+        self._raised = False
+
+    def __repr__(self) -> str:
+        return f"<Stream id={self.id!r} number={self.number} outcome={self.outcome}>"
+
+    @property
+    def ended(self) -> bool:
+        """The stream is closed: its terminal message arrived (or the connection ended)."""
+        return self._ended.is_set()
+
+    @property
+    def ttfa(self) -> float | None:
+        """Client side time to first audio: opening ``speak`` sent -> first chunk arrived (s)."""
+        if self.opened_at is None or self.first_audio_at is None:
+            return None
+        return self.first_audio_at - self.opened_at
+
+    # -- text in ---------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Open the stream on the server now (an opening ``speak`` with no text)."""
+        if not self.opened:
+            await self._speak("", final=False)
+
+    async def send(self, text: str, *, final: bool = False) -> None:
+        """Append text (the first call opens the stream). ``final=True``: no more text.
+
+        Raises the stream's :class:`ServerError` if it ended with one; after :meth:`cancel`
+        the text is dropped; after :meth:`end` it is an :class:`InvalidRequest`.
+        """
+        if not isinstance(text, str):
+            raise InvalidRequest(f"text must be a str, got {type(text).__name__}")
+        if self._check_closed():
+            return
+        if self.final:
+            raise InvalidRequest(f"stream {self.id!r} has ended: no text after end()")
+        if self.opened and not text and not final:
+            return
+        await self._speak(text, final)
+
+    async def end(self, text: str = "") -> None:
+        """Send the last text (may be empty) with ``final``: the server finishes the stream."""
+        if self.final or self._check_closed():
+            return
+        await self._speak(text, final=True)
+
+    async def flush(self) -> None:
+        """Ask the server to synthesize the text buffered so far, sentence finished or not."""
+        if not self.opened or self.final or self._check_closed():
+            return
+        await self.conn._send({"type": "flush", "id": self.id})
+
+    async def feed(
+        self,
+        source: AsyncIterable[str] | Iterable[str],
+        *,
+        end: bool = True,
+        min_interval: float = 0.02,
+        flush_after: float | None = None,
+    ) -> None:
+        """Send text from ``source`` as it is produced (e.g. by a language model).
+
+        Pieces that arrive while a message is on its way are joined, and messages go out at
+        most every ``min_interval`` seconds, so token-by-token sources stay far below the
+        server's message rate limit. ``flush_after``: when the source pauses that long with
+        text still buffered, :meth:`flush` it. ``end``: send ``final`` when the source is
+        exhausted. Stops early, quietly, if the stream is cancelled; raises its error if it
+        fails.
+        """
+        pieces: asyncio.Queue[object] = asyncio.Queue()
+        eof = object()
+
+        async def produce() -> None:
+            try:
+                if isinstance(source, AsyncIterable):
+                    async for piece in source:
+                        await pieces.put(piece)
+                else:
+                    for piece in source:
+                        await pieces.put(piece)
+            except Exception as e:
+                await pieces.put(e)
+            else:
+                await pieces.put(eof)
+
+        producer = asyncio.create_task(produce())
+        try:
+            unflushed = False
+            at_end = False
+            while not at_end:
+                try:
+                    if flush_after is not None and unflushed:
+                        item = await asyncio.wait_for(pieces.get(), flush_after)
+                    else:
+                        item = await pieces.get()
+                except TimeoutError:
+                    await self.flush()
+                    unflushed = False
+                    continue
+                batch: list[str] = []
+                while True:
+                    if isinstance(item, Exception):
+                        raise item
+                    if item is eof:
+                        at_end = True
+                        break
+                    if not isinstance(item, str):
+                        raise InvalidRequest(f"feed() takes str pieces, got {type(item).__name__}")
+                    batch.append(item)
+                    if pieces.empty():
+                        break
+                    item = pieces.get_nowait()
+                if batch:
+                    await self.send("".join(batch))
+                    unflushed = True
+                if self._check_closed():
+                    return
+                if not at_end:
+                    await asyncio.sleep(min_interval)
+            if end:
+                await self.end()
+        finally:
+            producer.cancel()
+            await asyncio.gather(producer, return_exceptions=True)
+
+    async def cancel(self) -> None:
+        """Stop the stream; wait for its terminal message. Audio not yet read is dropped.
+
+        Afterwards ``outcome`` is ``"cancelled"``, or ``"done"``/``"error"`` if that crossed
+        the cancel on the wire; iterating the stream ends at once either way.
+        """
+        if self._cancelling or self.ended:
+            self._cancelling = True
+            self._drop_audio()
+            return
+        self._cancelling = True
+        self._drop_audio()
+        if not self.opened:  # nothing was sent: nothing to cancel on the server
+            self.conn._forget(self)
+            self._terminate("cancelled")
+            return
+        await self.conn._send({"type": "cancel", "id": self.id})
+        await self._ended.wait()
+        self._drop_audio()
+
+    async def _speak(self, text: str, final: bool) -> None:
+        msg: dict[str, Any] = {"type": "speak", "id": self.id, "text": text, "final": final}
+        opening = not self.opened
+        if opening:
+            msg.update(self._open_fields)
+            self.opened = True
+            self.opened_at = time.monotonic()
+        if final:
+            self.final = True
+        await self.conn._send(msg)
+
+    def _check_closed(self) -> bool:
+        """True if text should be dropped (cancelled); raises the stream's error if it failed."""
+        if self.error is not None:
+            raise self.error
+        return self._cancelling or self.ended
+
+    # -- audio out -------------------------------------------------------------------------
+
+    def __aiter__(self) -> AsyncIterator[Chunk]:
+        return self
+
+    async def __anext__(self) -> Chunk:
+        while True:
+            item = await self._next_item()
+            if item is None:
+                if self.error is not None and not self._raised and not self._cancelling:
+                    self._raised = True
+                    raise self.error
+                raise StopAsyncIteration
+            if isinstance(item, Chunk):
+                if self._cancelling:
+                    continue
+                return item
+            if item["type"] == "segment_end":
+                index = item.get("index", -1)
+                text = self._texts.pop(index, "")
+                self.segments.append(Segment(index, text, float(item.get("audio_ms", 0.0))))
+
+    async def _next_item(self) -> Chunk | dict[str, Any] | None:
+        while True:
+            if not self._queue.empty():
+                return self._queue.get_nowait()
+            if self._ended.is_set():
+                return None
+            self._wakeup.clear()
+            await self._wakeup.wait()
+
+    async def started(self) -> None:
+        """Wait for ``started`` (``number``, ``format``, ``sample_rate`` are set after it)."""
+        if not self.opened and not self.ended:
+            await self.open()
+        await self._started.wait()  # set by ``started``, and by the end of the stream
+        if self.error is not None:
+            raise self.error
+
+    async def collect(self) -> npt.NDArray[np.float32]:
+        """Read the rest of the stream; return its audio as one float32 array.
+
+        Opus streams need ``decode=True``. Raises :class:`ServerError` if the stream fails.
+        """
+        parts: list[npt.NDArray[np.float32]] = []
+        async for chunk in self:
+            if chunk.audio is None:
+                raise InvalidRequest("collect() of an Opus stream needs speak(..., decode=True)")
+            parts.append(chunk.audio)
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+    async def wait(self) -> Done | None:
+        """Read (and drop) the rest of the stream; return its stats (None if cancelled)."""
+        async for _ in self:
+            pass
+        return self.stats
+
+    def _drop_audio(self) -> None:
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._wakeup.set()
+
+    # -- called by the connection's reader -------------------------------------------------
+
+    def _on_started(self, msg: dict[str, Any]) -> int:
+        self.number = number = int(msg["stream"])
+        self.voice = msg.get("voice")
+        self.format = str(msg["format"])
+        self.sample_rate = int(msg["sample_rate"])
+        if self.format == "opus" and self.decode:
+            self._opus = _OpusDecoder(self.sample_rate)
+        self._started.set()
+        return number
+
+    def _make_chunk(self, segment: int, seq: int, payload: bytes) -> Chunk:
+        assert self.number is not None and self.format is not None
+        assert self.sample_rate is not None
+        now = time.monotonic()
+        if self.first_audio_at is None:
+            self.first_audio_at = now
+        audio: npt.NDArray[np.float32] | None
+        if self.format == "opus":
+            audio = None if self._opus is None else self._opus.decode(payload)
+        else:
+            audio = decode_audio(payload, self.format)
+        opened = now if self.opened_at is None else self.opened_at
+        return Chunk(
+            self.number,
+            segment,
+            seq,
+            self._texts.get(segment, ""),
+            payload,
+            audio,
+            self.format,
+            self.sample_rate,
+            now,
+            now - opened,
+        )
+
+    async def _put(self, item: Chunk | dict[str, Any]) -> None:
+        if self._cancelling:
+            return
+        await self._queue.put(item)
+        self._wakeup.set()
+
+    def _terminate(self, outcome: Outcome, msg: dict[str, Any] | None = None) -> None:
+        if self._ended.is_set():
+            return
+        self.outcome = outcome
+        if outcome == "done" and msg is not None:
+            self.stats = Done(
+                float(msg.get("audio_ms", 0.0)),
+                None if msg.get("ttfa_ms") is None else float(msg["ttfa_ms"]),
+                None if msg.get("rtf") is None else float(msg["rtf"]),
+            )
+        self._ended.set()
+        self._started.set()
+        self._wakeup.set()
+
+    def _fail(self, error: ServerError) -> None:
+        if self._ended.is_set():
+            return
+        self.error = error
+        self._terminate("error")
+
+
+# -- one connection --------------------------------------------------------------------------
+
+
+class Connection:
+    """A connection to the server; any number of :class:`Stream` objects at once.
+
+    Made by :func:`connect`. ``hello`` is the server's hello message; ``voices``,
+    ``formats``, ``sample_rates`` and ``limits`` come from it. ``errors`` collects error
+    messages about no stream (``"id": null``).
+    """
+
+    def __init__(
+        self, ws: ClientConnection, hello: dict[str, Any], queue_size: int = DEFAULT_QUEUE_SIZE
+    ) -> None:
+        self.ws = ws
+        self.hello = hello
+        self.queue_size = queue_size
+        self.errors: list[ServerError] = []
+        self.closed: ServerError | None = None  # set when the connection has ended
+        self._by_id: dict[StreamId, Stream] = {}
+        self._by_number: dict[int, Stream] = {}
+        self._ids = itertools.count(1)
+        self._reader = asyncio.create_task(self._read(), name="stream-engine client reader")
+
+    @property
+    def voices(self) -> list[str]:
+        return list(self.hello.get("voices", []))
+
+    @property
+    def formats(self) -> list[str]:
+        return list(self.hello.get("formats", []))
+
+    @property
+    def sample_rates(self) -> dict[str, list[int]]:
+        return dict(self.hello.get("sample_rates", {}))
+
+    @property
+    def limits(self) -> dict[str, Any]:
+        return dict(self.hello.get("limits", {}))
+
+    @property
+    def streams(self) -> list[Stream]:
+        """Streams open (or about to open) on this connection."""
+        return list(self._by_id.values())
+
+    async def speak(
+        self,
+        text: str = "",
+        *,
+        final: bool = False,
+        voice: str | None = None,
+        format: str | None = None,
+        sample_rate: int | None = None,
+        options: dict[str, Any] | None = None,
+        decode: bool = False,
+        id: StreamId | None = None,
+    ) -> Stream:
+        """A new stream. With ``text`` or ``final`` it opens at once; else with its first
+        :meth:`Stream.send`. ``None`` leaves a field to the server's default (``hello``).
+        ``decode``: decode Opus packets to float32 in ``Chunk.audio`` (needs ``opuslib``).
+        ``id``: the stream's protocol id (default: a fresh one)."""
+        if self.closed is not None:
+            raise self.closed
+        if id is None:
+            id = next(i for i in (f"s{n}" for n in self._ids) if i not in self._by_id)
+        elif isinstance(id, bool) or not isinstance(id, str | int):
+            raise InvalidRequest(f"a stream id is a str or an int, got {id!r}")
+        elif id in self._by_id:
+            raise InvalidRequest(f"stream id {id!r} is in use on this connection")
+        fields: dict[str, Any] = {}
+        for key, value in (
+            ("voice", voice),
+            ("format", format),
+            ("sample_rate", sample_rate),
+            ("options", options),
+        ):
+            if value is not None:
+                fields[key] = value
+        stream = Stream(self, id, fields, decode, self.queue_size)
+        self._by_id[id] = stream
+        if text or final:
+            await stream.send(text, final=final)
+        return stream
+
+    async def say(
+        self,
+        text: str,
+        *,
+        voice: str | None = None,
+        format: str = "pcm_f32le",
+        sample_rate: int | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> tuple[npt.NDArray[np.float32], int]:
+        """Speak ``text``; return (float32 audio, sample rate) when the stream is done."""
+        stream = await self.speak(
+            text,
+            final=True,
+            voice=voice,
+            format=format,
+            sample_rate=sample_rate,
+            options=options,
+            decode=True,
+        )
+        audio = await stream.collect()
+        if stream.sample_rate is None:
+            raise InternalError("the stream ended without a sample rate")
+        return audio, stream.sample_rate
+
+    async def close(self) -> None:
+        """Close the connection; streams still open end with ``connection_closed``."""
+        await self.ws.close()
+        await asyncio.gather(self._reader, return_exceptions=True)
+
+    async def __aenter__(self) -> Connection:
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # -- internals -------------------------------------------------------------------------
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        if self.closed is not None:
+            raise self.closed
+        try:
+            await self.ws.send(json.dumps(message))
+        except ConnectionClosed as e:
+            raise self._closed_error(e) from e
+
+    def _forget(self, stream: Stream) -> None:
+        if self._by_id.get(stream.id) is stream:
+            del self._by_id[stream.id]
+        if stream.number is not None and self._by_number.get(stream.number) is stream:
+            del self._by_number[stream.number]
+
+    async def _read(self) -> None:
+        reason: BaseException | None = None
+        try:
+            async for frame in self.ws:
+                if isinstance(frame, bytes):
+                    await self._on_binary(frame)
+                else:
+                    await self._on_text(frame)
+        except ConnectionClosed as e:
+            reason = e
+        except Exception as e:  # a broken frame from the server: this connection is unusable
+            log.exception("stream-engine client: reader failed")
+            reason = e
+            await self.ws.close(1002, "client could not read a frame")
+        finally:
+            self.closed = self._closed_error(reason)
+            for stream in list(self._by_id.values()):
+                self._forget(stream)
+                stream._fail(self.closed)
+
+    def _closed_error(self, reason: BaseException | None) -> ServerError:
+        if self.closed is not None:
+            return self.closed
+        detail = ""
+        if isinstance(reason, ConnectionClosed) and reason.rcvd is not None:
+            detail = f" ({reason.rcvd.code} {reason.rcvd.reason})".rstrip()
+        elif reason is not None and not isinstance(reason, ConnectionClosed):
+            detail = f" ({reason})"
+        elif self.ws.close_code is not None:
+            detail = f" ({self.ws.close_code} {self.ws.close_reason or ''})".rstrip()
+        if self.errors:
+            last = self.errors[-1]
+            detail += f" after {last.code}: {last.message}"
+        return ServerError("connection_closed", f"the connection closed{detail}")
+
+    async def _on_binary(self, frame: bytes) -> None:
+        if len(frame) < HEADER.size:
+            raise InternalError(f"a binary frame of {len(frame)} bytes has no header")
+        number, segment, seq = HEADER.unpack_from(frame)
+        stream = self._by_number.get(number)
+        if stream is None or stream._cancelling:
+            return
+        await stream._put(stream._make_chunk(segment, seq, frame[HEADER.size :]))
+
+    async def _on_text(self, frame: str) -> None:
+        msg = json.loads(frame)
+        if not isinstance(msg, dict):
+            raise InternalError("a message from the server is not a JSON object")
+        kind = msg.get("type")
+        id = msg.get("id")
+        stream = None if id is None or isinstance(id, dict | list) else self._by_id.get(id)
+        if stream is None:
+            if kind == "error":
+                self.errors.append(ServerError(str(msg.get("code")), str(msg.get("message")), id))
+                if id is not None:
+                    log.warning("error for no stream of ours: %s", msg)
+            elif kind == "started" and id is not None:
+                # a speak crossed its stream's error on the wire and opened a new stream
+                # with the old id: nobody wants it
+                with contextlib.suppress(ServerError):
+                    await self._send({"type": "cancel", "id": id})
+            return
+        if kind == "started":
+            self._by_number[stream._on_started(msg)] = stream
+        elif kind == "segment":
+            stream._texts[int(msg.get("index", -1))] = str(msg.get("text", ""))
+        elif kind == "segment_end":
+            await stream._put(msg)
+        elif kind in TERMINAL:
+            self._forget(stream)
+            if kind == "error":
+                code, message = str(msg.get("code")), str(msg.get("message"))
+                stream._fail(ServerError(code, message, id))
+            else:
+                stream._terminate("done" if kind == "done" else "cancelled", msg)
+
+
+class _Connect:
+    """What :func:`connect` returns: ``async with connect(...) as conn`` or
+    ``conn = await connect(...)``."""
+
+    def __init__(self, url: str, token: str | None, queue_size: int, kwargs: dict[str, Any]):
+        self.url = url
+        self.token = token
+        self.queue_size = queue_size
+        self.kwargs = kwargs
+        self.conn: Connection | None = None
+
+    async def _open(self) -> Connection:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
+        ws = await ws_connect(
+            ws_url(self.url), additional_headers=headers, max_size=None, **self.kwargs
+        )
+        try:
+            first = json.loads(await ws.recv())
+        except ConnectionClosed as e:
+            raise ServerError("connection_closed", "the server closed before hello") from e
+        if not isinstance(first, dict) or first.get("type") != "hello":
+            await ws.close()
+            if isinstance(first, dict) and first.get("type") == "error":
+                raise ServerError(str(first.get("code")), str(first.get("message")))
+            raise InternalError("the server did not start with hello")
+        return Connection(ws, first, self.queue_size)
+
+    def __await__(self) -> Generator[Any, None, Connection]:
+        return self._open().__await__()
+
+    async def __aenter__(self) -> Connection:
+        self.conn = await self._open()
+        return self.conn
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self.conn is not None:
+            await self.conn.close()
+
+
+def connect(
+    url: str, token: str | None = None, *, queue_size: int = DEFAULT_QUEUE_SIZE, **kwargs: Any
+) -> _Connect:
+    """Connect to a server (``ws://HOST:PORT``, or the full ``.../v1/tts`` URL).
+
+    ``token``: the server's bearer token. ``queue_size``: chunks buffered per stream before
+    the reader waits. Other keyword arguments go to ``websockets``' ``connect`` (``origin``,
+    ``open_timeout``, ...). Raises ``ServerError`` if the server turns the connection away
+    (``limit``), and websockets' ``InvalidStatus`` for HTTP refusals (401, 403).
+    """
+    return _Connect(url, token, queue_size, kwargs)
+
+
+async def synthesize(
+    url: str,
+    text: str,
+    *,
+    voice: str | None = None,
+    seed: int | None = None,
+    token: str | None = None,
+    format: str = "pcm_f32le",
+    sample_rate: int | None = None,
+) -> tuple[npt.NDArray[np.float32], int]:
+    """Speak ``text`` on a running server; return (float32 audio, sample rate)."""
+    options = {"seed": seed} if seed is not None else None
+    async with connect(url, token=token) as conn:
+        return await conn.say(
+            text, voice=voice, format=format, sample_rate=sample_rate, options=options
+        )
+
+
+# -- low level -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Audio:
-    """One binary frame from the server."""
+    """One binary frame from the server, as :class:`Client` yields it."""
 
     stream: int
     segment: int
@@ -42,26 +793,23 @@ class Audio:
         return cls(stream, segment, seq, frame[HEADER.size :])
 
 
-class ServerError(StreamEngineError):
-    """An ``error`` message from the server, raised by :func:`synthesize`."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-
-
 class Client:
+    """The low-level client: sends the messages it is told, yields every frame it receives.
+
+    async with await Client.connect("ws://127.0.0.1:8765") as c:
+        await c.speak("s1", "Hello there.", final=True, voice="v2/en_speaker_6")
+        async for item in c.events():
+            ...  # dict messages, and Audio for binary frames
+    """
+
     def __init__(self, ws: ClientConnection, hello: dict[str, Any]) -> None:
         self.ws = ws
         self.hello = hello
 
     @classmethod
     async def connect(cls, url: str, token: str | None = None, **kwargs: Any) -> Client:
-        url = url.rstrip("/")
-        if not url.endswith("/v1/tts"):
-            url += "/v1/tts"
         headers = {"Authorization": f"Bearer {token}"} if token else None
-        ws = await connect(url, additional_headers=headers, max_size=None, **kwargs)
+        ws = await ws_connect(ws_url(url), additional_headers=headers, max_size=None, **kwargs)
         hello = json.loads(await ws.recv())
         if hello.get("type") != "hello":
             await ws.close()
@@ -81,7 +829,7 @@ class Client:
 
     async def speak(
         self,
-        id: str | int,
+        id: StreamId,
         text: str,
         final: bool = False,
         *,
@@ -102,10 +850,10 @@ class Client:
                 msg[key] = value
         await self.send(msg)
 
-    async def flush(self, id: str | int) -> None:
+    async def flush(self, id: StreamId) -> None:
         await self.send({"type": "flush", "id": id})
 
-    async def cancel(self, id: str | int) -> None:
+    async def cancel(self, id: StreamId) -> None:
         await self.send({"type": "cancel", "id": id})
 
     async def events(self) -> AsyncIterator[dict[str, Any] | Audio]:
@@ -118,40 +866,3 @@ class Client:
 
     async def close(self) -> None:
         await self.ws.close()
-
-
-def decode_pcm(payloads: list[bytes], format: str) -> np.ndarray:
-    """PCM payloads of one stream as float32 samples."""
-    data = b"".join(payloads)
-    if format == "pcm_f32le":
-        return np.frombuffer(data, dtype="<f4").astype(np.float32)
-    if format == "pcm_s16le":
-        return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
-    raise InternalError(f"decode_pcm does not decode {format}")
-
-
-async def synthesize(
-    url: str,
-    text: str,
-    *,
-    voice: str | None = None,
-    seed: int | None = None,
-    token: str | None = None,
-    format: str = "pcm_f32le",
-    sample_rate: int = 24_000,
-) -> tuple[np.ndarray, int]:
-    """Speak ``text`` on a running server; return (float32 audio, sample rate)."""
-    options = {"seed": seed} if seed is not None else None
-    async with await Client.connect(url, token=token) as c:
-        await c.speak(
-            "say", text, True, voice=voice, format=format, sample_rate=sample_rate, options=options
-        )
-        payloads: list[bytes] = []
-        async for item in c.events():
-            if isinstance(item, Audio):
-                payloads.append(item.payload)
-            elif item.get("type") == "error":
-                raise ServerError(str(item.get("code")), str(item.get("message")))
-            elif item.get("type") == "done":
-                break
-    return decode_pcm(payloads, format), sample_rate

@@ -14,10 +14,13 @@ The tree, with the protocol error code each maps to (see ``docs/protocol.md``)::
     ├── Busy                               busy
     ├── LimitExceeded                      limit
     ├── Cancelled                          (not an error on the wire: ``cancelled``)
-    └── InternalError                      internal
+    ├── InternalError                      internal
+    └── ServerError                        (client side) the code the server sent
 
 Code inside the package raises these (never a bare ``ValueError``) for anything a caller
 can get wrong, so that the server can turn each into one error message for one stream.
+:class:`ServerError` goes the other way: the client (:mod:`stream_engine.client`) raises it
+for an ``error`` message it received.
 """
 
 from __future__ import annotations
@@ -89,3 +92,18 @@ class Cancelled(StreamEngineError):
 
 class InternalError(StreamEngineError):
     """A failure inside the engine; details go to the server log, not to the client."""
+
+
+class ServerError(StreamEngineError):
+    """An ``error`` message from the server, raised by the client.
+
+    ``code`` is the protocol's code (``bad_request``, ``unknown_voice``, ``unsupported_format``,
+    ``text_too_long``, ``busy``, ``limit``, ``internal``), or ``connection_closed`` when the
+    connection ended before the stream did. ``id`` is the stream's id (None: the connection's).
+    """
+
+    def __init__(self, code: str, message: str, id: str | int | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.id = id

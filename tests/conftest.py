@@ -2,6 +2,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/reference.py
 
@@ -11,6 +12,25 @@ def tiny():
     from stream_engine import Engine
 
     return Engine.load("random:tiny", device="cpu")
+
+
+@pytest_asyncio.fixture
+async def make_server(tiny):
+    """Start servers on free ports with the tiny model; stop them after the test."""
+    from stream_engine.config import ServerConfig
+    from stream_engine.server.app import Server
+
+    started = []
+
+    async def make(**config):
+        srv = Server(tiny, ServerConfig(port=0, **config))
+        await srv.start()
+        started.append(srv)
+        return srv
+
+    yield make
+    for srv in started:
+        await srv.stop(timeout=0)
 
 
 def pytest_collection_modifyitems(config, items):
