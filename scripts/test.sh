@@ -5,6 +5,10 @@ cd "$(dirname "$0")/.."
 if ! ldconfig -p 2>/dev/null | grep -q libopus.so.0; then
     (apt-get update -qq && apt-get install -y -qq libopus0) >/dev/null
 fi
+# headless Chromium for the browser client's test (Playwright drives it; it downloads no browser)
+if ! command -v chromium >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null
+fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 # torch first, pinned: on this machine kind 2.13.0 is the CPU wheel on local disk
 .venv/bin/pip install -q "torch==2.13.0"

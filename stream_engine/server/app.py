@@ -3,7 +3,8 @@
 * ``/v1/tts``: the streaming protocol (``docs/protocol.md``), one :class:`Connection` each.
 * ``GET /healthz``: 200 with the model and the engine's state, as JSON.
 * ``GET /metrics``: Prometheus text.
-* ``GET /``: the browser client (``clients/browser/index.html``) when it is installed.
+* ``GET /``: the browser client (``clients/browser/index.html``) when it is installed, and
+  ``GET /NAME.EXT`` its other files (scripts, styles), see :func:`_browser_file`.
 
 The model runs in the pipeline's worker threads (:mod:`stream_engine.runtime.pipeline`); their
 finished requests are handed to the event loop with ``call_soon_threadsafe``, so nothing here
@@ -17,6 +18,7 @@ import contextlib
 import hmac
 import json
 import logging
+import re
 import signal
 import time
 from http import HTTPStatus
@@ -42,6 +44,19 @@ from .metrics import Counter, Gauge, Histogram, Registry
 log = logging.getLogger(__name__)
 
 BROWSER_CLIENT = Path(__file__).resolve().parents[2] / "clients" / "browser" / "index.html"
+BROWSER_DIR = BROWSER_CLIENT.parent
+BROWSER_TYPES = {  # the only files served from BROWSER_DIR, by extension
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+}
+_BROWSER_NAME = re.compile(r"/([A-Za-z0-9_][A-Za-z0-9_.-]{0,99})")
+# The page loads nothing but its own files and talks only to the server it came from.
+BROWSER_CSP = (
+    "default-src 'self'; connect-src 'self'; img-src 'self' data:; object-src 'none'; "
+    "base-uri 'none'; form-action 'self'; frame-ancestors 'self'"
+)
 
 
 class Metrics:
@@ -241,11 +256,9 @@ class Server:
                 HTTPStatus.OK, self.metrics.registry.render(), "text/plain; version=0.0.4"
             )
         if path in ("/", "/index.html"):
-            if BROWSER_CLIENT.is_file():
-                html = BROWSER_CLIENT.read_text(encoding="utf-8")
-                return _response(HTTPStatus.OK, html, "text/html; charset=utf-8")
-            return _response(HTTPStatus.NOT_FOUND, "the browser client is not installed\n")
-        return _response(HTTPStatus.NOT_FOUND, "not found\n")
+            page = _browser_file("/index.html")
+            return page or _response(HTTPStatus.NOT_FOUND, "the browser client is not installed\n")
+        return _browser_file(path) or _response(HTTPStatus.NOT_FOUND, "not found\n")
 
     def _check_access(
         self, connection: ServerConnection, request: HttpRequest, query: str
@@ -265,6 +278,28 @@ class Server:
             if not hmac.compare_digest(given.encode(), cfg.token.encode()):
                 return _response(HTTPStatus.UNAUTHORIZED, "missing or wrong token\n")
         return None
+
+
+def _browser_file(path: str) -> Response | None:
+    """``/NAME.EXT``: the file NAME.EXT directly inside BROWSER_DIR, if it has one of the
+    BROWSER_TYPES extensions; None otherwise (no subfolders, nothing outside the folder)."""
+    match = _BROWSER_NAME.fullmatch(path)
+    if match is None or Path(match[1]).suffix not in BROWSER_TYPES:
+        return None
+    folder = BROWSER_DIR.resolve()
+    file = (folder / match[1]).resolve()  # a link must stay inside, with an allowed type
+    content_type = BROWSER_TYPES.get(file.suffix)
+    if file.parent != folder or content_type is None or not file.is_file():
+        return None
+    try:
+        body = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    response = _response(HTTPStatus.OK, body, content_type)
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    if file.suffix == ".html":
+        response.headers["Content-Security-Policy"] = BROWSER_CSP
+    return response
 
 
 def _response(status: HTTPStatus, body: str, content_type: str = "text/plain") -> Response:
