@@ -1,0 +1,384 @@
+"""Load test: N concurrent streaming clients against our server and a naive one, in one run.
+
+Each client has its own WebSocket connection and speaks one paragraph of ``--sentences``
+sentences, sent word by word (the way a language model produces text: each word with its
+trailing space is one ``speak`` message, the last one ``final``), and reads all its audio
+(``pcm_s16le`` at 24 kHz). All clients of a round start together. Per stream we measure:
+
+* **TTFA**: time from sending the first word to receiving the first binary audio frame;
+* **RTF**: time from the first word to ``done``, divided by the seconds of audio received
+  (below 1: the audio arrived faster than it plays);
+
+and per round the **throughput**: audio seconds received by all clients / wall seconds from
+the first word sent to the last ``done``.
+
+Both servers run in this process, on the engine's one copy of the weights, one after the other
+for each N (never at the same time): ours (``stream_engine.server.app.Server``) and the naive
+baseline (``benchmarks/naive_server.py``: one ``BarkModel.generate`` call per sentence, one
+call at a time, with the same sampling settings and, on ``random:*`` models, the same
+semantic-token cap per text as our engine). Every client of a round gets a different paragraph
+(sentences cycle through ``end_to_end.SENTENCES``, or short ones with ``--short``), and
+each round (``--rounds``) other paragraphs; both servers get the same ones.
+
+Goals (printed as PASS/FAIL, computed from this run):
+
+* our throughput at 4 clients >= 1.8x our throughput at 1 client;
+* our TTFA (p50) at 1 client, 3-sentence paragraph, <= 0.5x the naive server's.
+
+Usage:
+    python benchmarks/load.py --model random:small --clients 1 4 16 --sentences 3 \\
+        [--rounds 1] [--warmup 1] [--out benchmarks/results/load-cpu-random-small.json]
+    # smoke run: --model random:tiny --clients 1 2 --short
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from end_to_end import SENTENCES, machine_info
+from naive_server import NaiveServer
+
+from stream_engine import Engine
+from stream_engine.client import Audio, Client
+from stream_engine.config import ServerConfig
+from stream_engine.server.app import Server
+
+# Short sentences (about one second of speech each) for smoke runs (--short).
+SHORT_SENTENCES = (
+    "Good morning.",
+    "The bus is late.",
+    "I like green tea.",
+    "See you soon.",
+    "It rained all day.",
+    "Close the door.",
+    "We won the game.",
+    "Call me later.",
+)
+
+
+def paragraph(client: int, sentences: int, pool: tuple[str, ...]) -> str:
+    """Client ``client``'s paragraph: ``sentences`` consecutive sentences of the pool."""
+    return " ".join(pool[(client * sentences + j) % len(pool)] for j in range(sentences))
+
+
+def word_pieces(text: str) -> list[str]:
+    """The text as an LLM streams it: each word with the whitespace after it."""
+    return re.findall(r"\S+\s*", text)
+
+
+@dataclass
+class StreamResult:
+    client: int
+    text: str
+    sent_at: float  # first word sent (perf_counter)
+    first_audio_at: float | None = None
+    ended_at: float | None = None
+    end: str | None = None  # done, error, cancelled, or closed (connection lost)
+    error: str | None = None
+    samples: int = 0
+    segments: int = 0
+    server_ttfa_ms: float | None = None
+    server_rtf: float | None = None
+    protocol_errors: int = 0  # frames out of order or for another stream
+
+    @property
+    def audio_s(self) -> float:
+        return self.samples / 24_000
+
+    @property
+    def ttfa_s(self) -> float | None:
+        return None if self.first_audio_at is None else self.first_audio_at - self.sent_at
+
+    @property
+    def rtf(self) -> float | None:
+        if self.ended_at is None or self.samples == 0:
+            return None
+        return (self.ended_at - self.sent_at) / self.audio_s
+
+
+async def run_client(
+    client: Client, number: int, text: str, voice: str | None, piece_delay: float, go: asyncio.Event
+) -> StreamResult:
+    await go.wait()
+    sid = f"c{number}"
+    res = StreamResult(number, text, time.perf_counter())
+
+    async def read() -> None:
+        stream, seq = None, 0
+        async for item in client.events():
+            if isinstance(item, Audio):
+                if res.first_audio_at is None:
+                    res.first_audio_at = time.perf_counter()
+                if item.stream != stream or item.seq != seq:
+                    res.protocol_errors += 1
+                seq += 1
+                res.samples += len(item.payload) // 2
+            elif item.get("id") != sid:
+                res.protocol_errors += 1
+            elif item["type"] == "started":
+                stream = item["stream"]
+            elif item["type"] == "segment":
+                res.segments += 1
+            elif item["type"] in ("done", "error", "cancelled"):
+                res.ended_at = time.perf_counter()
+                res.end = item["type"]
+                res.server_ttfa_ms, res.server_rtf = item.get("ttfa_ms"), item.get("rtf")
+                if item["type"] == "error":
+                    res.error = f"{item.get('code')}: {item.get('message')}"
+                return
+        res.end = "closed"
+
+    reader = asyncio.create_task(read())
+    pieces = word_pieces(text)
+    for i, piece in enumerate(pieces):
+        last = i == len(pieces) - 1
+        if i == 0:
+            await client.speak(
+                sid, piece, last, voice=voice, format="pcm_s16le", sample_rate=24_000
+            )
+        else:
+            await client.speak(sid, piece, last)
+        if piece_delay > 0 and not last:
+            await asyncio.sleep(piece_delay)
+    await reader
+    return res
+
+
+async def run_round(
+    url: str, texts: list[str], voice: str | None, piece_delay: float
+) -> tuple[list[StreamResult], float]:
+    """All clients connect, then start together; returns their results and the round's wall."""
+    clients = await asyncio.gather(*(Client.connect(url) for _ in texts))
+    go = asyncio.Event()
+    try:
+        tasks = [
+            asyncio.create_task(run_client(c, i, t, voice, piece_delay, go))
+            for i, (c, t) in enumerate(zip(clients, texts, strict=True))
+        ]
+        go.set()
+        results = await asyncio.gather(*tasks)
+    finally:
+        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+    start = min(r.sent_at for r in results)
+    end = max(r.ended_at or time.perf_counter() for r in results)
+    return results, end - start
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+def summarize(rounds: list[tuple[list[StreamResult], float]]) -> dict[str, Any]:
+    streams = [r for results, _ in rounds for r in results]
+    ttfa = [r.ttfa_s for r in streams if r.ttfa_s is not None]
+    rtf = [r.rtf for r in streams if r.rtf is not None]
+    audio = sum(r.audio_s for r in streams)
+    wall = sum(w for _, w in rounds)
+    return {
+        "streams": len(streams),
+        "done": sum(r.end == "done" for r in streams),
+        "failures": [
+            f"client {r.client}: {r.end} {r.error or ''}" for r in streams if r.end != "done"
+        ],
+        "protocol_errors": sum(r.protocol_errors for r in streams),
+        "ttfa_p50_s": percentile(ttfa, 50),
+        "ttfa_p95_s": percentile(ttfa, 95),
+        "rtf_median": statistics.median(rtf) if rtf else None,
+        "rtf_max": max(rtf) if rtf else None,
+        "audio_s": audio,
+        "wall_s": wall,
+        "audio_s_per_wall_s": audio / wall if wall > 0 else None,
+        "round_walls_s": [w for _, w in rounds],
+        "per_stream": [
+            {**asdict(r), "ttfa_s": r.ttfa_s, "rtf": r.rtf, "audio_s": r.audio_s} for r in streams
+        ],
+    }
+
+
+def fmt(x: float | None, spec: str = "8.2f") -> str:
+    return format(x, spec) if x is not None else format("-", spec[: spec.index(".")] + "s")
+
+
+def print_table(n: int, sentences: int, sides: dict[str, dict[str, Any]]) -> None:
+    print(f"\nN = {n} client(s), {sentences} sentence(s) each")
+    print(
+        f"{'server':>8} {'TTFA p50 s':>10} {'TTFA p95 s':>10} {'RTF/stream':>10} "
+        f"{'RTF max':>8} {'audio s':>8} {'wall s':>8} {'audio s/wall s':>14} {'done':>6}"
+    )
+    for name, s in sides.items():
+        print(
+            f"{name:>8} {fmt(s['ttfa_p50_s'], '10.2f')} {fmt(s['ttfa_p95_s'], '10.2f')} "
+            f"{fmt(s['rtf_median'], '10.3f')} {fmt(s['rtf_max'], '8.3f')} "
+            f"{s['audio_s']:8.2f} {s['wall_s']:8.2f} {fmt(s['audio_s_per_wall_s'], '14.3f')} "
+            f"{s['done']:>3}/{s['streams']:<2}"
+        )
+    if "ours" in sides and "naive" in sides:
+        o, v = sides["ours"], sides["naive"]
+        if o["ttfa_p50_s"] and v["ttfa_p50_s"]:
+            print(f"TTFA p50 ours/naive {o['ttfa_p50_s'] / v['ttfa_p50_s']:.2f}", end="; ")
+        if o["audio_s_per_wall_s"] and v["audio_s_per_wall_s"]:
+            ratio = o["audio_s_per_wall_s"] / v["audio_s_per_wall_s"]
+            print(f"throughput ours/naive {ratio:.2f}", end="")
+        print()
+
+
+def goals(by_n: dict[int, dict[str, dict[str, Any]]], sentences: int) -> list[dict[str, Any]]:
+    out = []
+    one, four = by_n.get(1, {}).get("ours"), by_n.get(4, {}).get("ours")
+    goal = "throughput at 4 clients >= 1.8x one client (ours)"
+    if one and four and one["audio_s_per_wall_s"] and four["audio_s_per_wall_s"]:
+        ratio = four["audio_s_per_wall_s"] / one["audio_s_per_wall_s"]
+        out.append({"goal": goal, "value": ratio, "target": 1.8, "pass": ratio >= 1.8})
+    else:
+        out.append({"goal": goal, "value": None, "pass": None, "why": "needs --clients 1 4"})
+    naive = by_n.get(1, {}).get("naive")
+    goal = "TTFA p50 at 1 client <= 0.5x the naive server's (3-sentence paragraph)"
+    if one and naive and one["ttfa_p50_s"] and naive["ttfa_p50_s"]:
+        ratio = one["ttfa_p50_s"] / naive["ttfa_p50_s"]
+        g: dict[str, Any] = {"goal": goal, "value": ratio, "target": 0.5, "pass": ratio <= 0.5}
+        if sentences != 3:
+            g["why"] = f"measured with {sentences}-sentence paragraphs, not 3"
+        out.append(g)
+    else:
+        out.append({"goal": goal, "value": None, "pass": None, "why": "needs 1 client and --naive"})
+    return out
+
+
+async def bench(args: argparse.Namespace, engine: Engine) -> dict[int, dict[str, dict[str, Any]]]:
+    top = max(args.clients)
+    ours = Server(
+        engine,
+        ServerConfig(port=0, max_connections=max(64, top), max_connections_per_ip=max(16, top)),
+    )
+    await ours.start()
+    servers: dict[str, Any] = {"ours": ours}
+    if args.naive:
+        naive = NaiveServer(engine)
+        await naive.start()
+        servers["naive"] = naive
+    pool = SHORT_SENTENCES if args.short else SENTENCES
+    by_n: dict[int, dict[str, dict[str, Any]]] = {}
+    try:
+        for name, srv in servers.items():
+            for _ in range(args.warmup):  # first calls pay one-time costs (allocations, ...)
+                url = f"ws://127.0.0.1:{srv.port}"
+                await run_round(url, [paragraph(0, args.sentences, pool)], args.voice, 0.0)
+                print(f"warm-up round on {name} done", flush=True)
+        for n in args.clients:
+            rounds: dict[str, list[tuple[list[StreamResult], float]]] = {k: [] for k in servers}
+            for r in range(args.rounds):  # the sides alternate: a slow spell hits both
+                # each round its own paragraphs (the same for both servers)
+                texts = [paragraph(r * n + i, args.sentences, pool) for i in range(n)]
+                for name, srv in servers.items():
+                    if name == "naive" and n > args.naive_max_clients:
+                        continue
+                    url = f"ws://127.0.0.1:{srv.port}"
+                    t0 = time.perf_counter()
+                    rounds[name].append(await run_round(url, texts, args.voice, args.piece_delay))
+                    print(f"N={n} {name}: round took {time.perf_counter() - t0:.1f} s", flush=True)
+            by_n[n] = {name: summarize(r) for name, r in rounds.items() if r}
+            print_table(n, args.sentences, by_n[n])
+    finally:
+        await ours.stop(timeout=0)
+        if args.naive:
+            await servers["naive"].stop()
+    return by_n
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default="random:small")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None, help="default: float32 on cpu, float16 on cuda")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--sentences", type=int, default=3, help="sentences per paragraph")
+    ap.add_argument("--short", action="store_true", help="short sentences (~1 s): smoke runs")
+    ap.add_argument("--voice", default="v2/en_speaker_6", help="'none' for no voice preset")
+    ap.add_argument("--piece-delay", type=float, default=0.0, help="seconds between words")
+    ap.add_argument("--rounds", type=int, default=1, help="rounds per N and server")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed 1-client rounds per server")
+    ap.add_argument("--naive", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument(
+        "--naive-max-clients",
+        type=int,
+        default=1_000_000,
+        help="skip the naive server above this N (it serves one sentence at a time)",
+    )
+    ap.add_argument("--check-goals", action="store_true", help="exit 1 when a goal fails")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if min(args.clients) < 1 or args.sentences < 1 or args.rounds < 1:
+        ap.error("--clients, --sentences and --rounds must be positive")
+    voice = None if args.voice.lower() == "none" else args.voice
+    args.voice = voice
+
+    torch.manual_seed(0)
+    engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
+    if voice is not None and voice not in engine.voices:
+        ap.error(f"unknown voice {voice!r}; available: {sorted(engine.voices)}")
+    dtype = next(engine.loaded.model.parameters()).dtype
+    machine = machine_info(engine.device, dtype)
+    print(
+        f"model {args.model}, clients {args.clients}, {args.sentences} sentence(s) per "
+        f"paragraph, voice {voice}, piece delay {args.piece_delay} s, rounds {args.rounds}"
+    )
+    print("machine " + ", ".join(f"{k} {v}" for k, v in machine.items()))
+
+    by_n = asyncio.run(bench(args, engine))
+
+    results = goals(by_n, args.sentences)
+    print()
+    for g in results:
+        verdict = {True: "PASS", False: "FAIL", None: "NOT MEASURED"}[g["pass"]]
+        value = "" if g["value"] is None else f": {g['value']:.2f} (target {g['target']})"
+        note = f" ({g['why']})" if "why" in g else ""
+        print(f"{verdict} {g['goal']}{value}{note}")
+    failures = [
+        f"N={n} {side}: {f}"
+        for n, sides in by_n.items()
+        for side, s in sides.items()
+        for f in s["failures"]
+    ]
+    protocol = sum(s["protocol_errors"] for sides in by_n.values() for s in sides.values())
+    for f in failures:
+        print(f"ERROR stream did not end with done: {f}")
+    if protocol:
+        print(f"ERROR {protocol} frame(s) out of order or about another stream")
+
+    if args.out:
+        record = {
+            "benchmark": "load",
+            "command": " ".join(sys.argv),
+            "model": args.model,
+            "machine": machine,
+            "clients": args.clients,
+            "sentences": args.sentences,
+            "short": args.short,
+            "voice": voice,
+            "piece_delay_s": args.piece_delay,
+            "rounds": args.rounds,
+            "warmup": args.warmup,
+            "results": {str(n): sides for n, sides in by_n.items()},
+            "goals": results,
+        }
+        with open(args.out, "w") as f:
+            json.dump(record, f, indent=1)
+    if failures or protocol:
+        return 1
+    if args.check_goals and any(g["pass"] is False for g in results):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
