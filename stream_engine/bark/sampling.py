@@ -145,12 +145,18 @@ def choose_fine(logits: Tensor, temperature: Tensor, seed: Tensor, counter: Tens
 
     As in transformers' ``BarkFineModel.generate``, a temperature of 1.0 (or none) means argmax;
     other rows sample from ``softmax(logits / temperature)`` at every position.
+
+    Sampling inverts each position's CDF with one counter-hashed uniform per (row, position):
+    B*T random numbers instead of the B*T*V a Gumbel-max draw needs (a 1024-frame window has
+    a million logits per row and codebook).
     """
     logits = logits.float()
     greedy = temperature == 1.0  # (B,)
     greedy_tok = logits.argmax(dim=-1)
     if bool(greedy.all()):
         return greedy_tok
-    noise = gumbel_noise(seed, counter, tuple(logits.shape))
-    sampled = (logits / temperature[:, None, None] + noise).argmax(dim=-1)
+    cdf = torch.softmax(logits / temperature[:, None, None], dim=-1).cumsum(dim=-1)  # (B,T,V)
+    u = uniform_noise(seed, counter, tuple(logits.shape[:2]))[..., None]  # (B, T, 1)
+    sampled = torch.searchsorted(cdf, u * cdf[..., -1:]).squeeze(-1)  # first cdf >= u
+    sampled = sampled.clamp(max=logits.size(-1) - 1)
     return torch.where(greedy[:, None], greedy_tok, sampled)

@@ -58,3 +58,20 @@ def test_sampling_follows_softmax():
     assert torch.allclose(freq, torch.softmax(logits[0], -1), atol=0.015)
     greedy = RowParams.build([1.0], [0], [1.0], [True], [7], torch.device("cpu"))
     assert choose(logits, greedy, torch.zeros(1, dtype=torch.long)).item() == 0
+
+
+def test_choose_fine_samples_softmax_and_argmax_at_temperature_one():
+    from stream_engine.bark.sampling import choose_fine
+
+    base = torch.tensor([0.0, 1.0, 2.0, -1.0])
+    logits = base.expand(2, 20_000, 4).contiguous()
+    temp = torch.tensor([1.5, 1.0])
+    out = choose_fine(logits, temp, torch.tensor([7, 7]), torch.tensor([0, 0]))
+    freq = torch.bincount(out[0], minlength=4) / 20_000
+    assert torch.allclose(freq, torch.softmax(base / 1.5, -1), atol=0.015)
+    assert (out[1] == 2).all()  # temperature 1.0 is argmax (transformers' rule)
+    # batch-invariant, and a different counter gives different draws
+    alone = choose_fine(logits[:1], temp[:1], torch.tensor([7]), torch.tensor([0]))
+    assert torch.equal(alone, out[:1])
+    other = choose_fine(logits[:1], temp[:1], torch.tensor([7]), torch.tensor([1]))
+    assert not torch.equal(other, alone)
