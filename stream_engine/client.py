@@ -8,7 +8,7 @@ Streams, several at once on one connection::
         await stream.send("How are you?")
         await stream.end()                           # final: no more text
         async for chunk in stream:                   # audio as each piece arrives
-            play(chunk.audio)                        # float32 numpy (PCM, μ-law; Opus if decode=True)
+            play(chunk.audio)                        # float32 numpy
         print(stream.stats)                          # Done(audio_ms, ttfa_ms, rtf)
 
     audio, rate = await conn.say("One call, the whole utterance.")
@@ -231,10 +231,10 @@ class Stream:
         """
         if not isinstance(text, str):
             raise InvalidRequest(f"text must be a str, got {type(text).__name__}")
+        if self.error is None and self.final and not self._cancelling:
+            raise InvalidRequest(f"stream {self.id!r} has ended: no text after end()")
         if self._check_closed():
             return
-        if self.final:
-            raise InvalidRequest(f"stream {self.id!r} has ended: no text after end()")
         if self.opened and not text and not final:
             return
         await self._speak(text, final)
@@ -461,7 +461,7 @@ class Stream:
         )
 
     async def _put(self, item: Chunk | dict[str, Any]) -> None:
-        if self._cancelling:
+        if self._cancelling or self.conn._closing:
             return
         await self._queue.put(item)
         self._wakeup.set()
@@ -506,6 +506,7 @@ class Connection:
         self.queue_size = queue_size
         self.errors: list[ServerError] = []
         self.closed: ServerError | None = None  # set when the connection has ended
+        self._closing = False
         self._by_id: dict[StreamId, Stream] = {}
         self._by_number: dict[int, Stream] = {}
         self._ids = itertools.count(1)
@@ -596,7 +597,13 @@ class Connection:
         return audio, stream.sample_rate
 
     async def close(self) -> None:
-        """Close the connection; streams still open end with ``connection_closed``."""
+        """Close the connection; streams still open end with ``connection_closed``.
+
+        Audio nobody has read yet is dropped (so that a full queue cannot hold up the close).
+        """
+        self._closing = True
+        for stream in self._by_id.values():
+            stream._drop_audio()
         await self.ws.close()
         await asyncio.gather(self._reader, return_exceptions=True)
 
