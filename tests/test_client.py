@@ -151,6 +151,27 @@ async def test_feed_from_a_token_source(server):
     assert " ".join(s.text for s in stream.segments) == text
 
 
+async def test_feed_flushes_when_the_source_pauses(server):
+    release = asyncio.Event()
+
+    async def thinking():
+        yield "A thought without an end"  # no sentence end: the server would wait for more
+        await release.wait()
+        yield ", finished much later."
+
+    async with connect(url(server)) as conn:
+        stream = await conn.speak(options={"seed": 2})
+        feeding = asyncio.create_task(stream.feed(thinking(), flush_after=0.2))
+        first = await asyncio.wait_for(anext(stream), 120)  # audio while the source waits
+        assert first.text == "A thought without an end" and not feeding.done()
+        release.set()
+        await read_all(stream)
+        await feeding
+    assert stream.outcome == "done"
+    assert stream.segments[0].text == "A thought without an end"
+    assert "finished much later" in stream.segments[-1].text
+
+
 async def test_cancel_mid_stream_ends_that_stream_only(server):
     async with connect(url(server)) as conn:
         victim = await conn.speak(LONG, final=True, options={"seed": 1})
