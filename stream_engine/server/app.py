@@ -160,7 +160,11 @@ class Server:
         if self._ws is not None:
             self._ws.close(close_connections=False)  # no new connections
         deadline = time.monotonic() + timeout
-        while any(c.jobs for c in self.connections) and time.monotonic() < deadline:
+        # streams whose text is complete can finish; the others get cancelled once those are
+        # done (or at the deadline): a stream waiting for text could hold the drain forever
+        while time.monotonic() < deadline and any(
+            j.final for c in self.connections for j in c.jobs.values()
+        ):
             await asyncio.sleep(0.05)
         for conn in list(self.connections):
             for stream in list(conn.jobs):
