@@ -33,15 +33,18 @@ def reference_generate(model, processor, text: str, voice: str | None, max_new: 
     sem_cfg.max_new_tokens = max_new
     coarse_cfg = BarkCoarseGenerationConfig(**gen.coarse_acoustics_config)
     fine_cfg = BarkFineGenerationConfig(**gen.fine_acoustics_config)
+    dev = model.device
     inputs = processor(text, voice_preset=voice)
     history = inputs.get("history_prompt")
+    if history is not None:
+        history = {k: torch.as_tensor(v).to(dev) for k, v in history.items()}
     semantic = model.semantic.generate(
-        inputs["input_ids"],
-        attention_mask=inputs["attention_mask"],
+        inputs["input_ids"].to(dev),
+        attention_mask=inputs["attention_mask"].to(dev),
         history_prompt=history,
         semantic_generation_config=sem_cfg,
     )
-    sem_tokens = semantic[0].numpy().copy()
+    sem_tokens = semantic[0].cpu().numpy().copy()
     coarse = model.coarse_acoustics.generate(
         semantic,
         history_prompt=history,
@@ -62,10 +65,31 @@ def reference_generate(model, processor, text: str, voice: str | None, max_new: 
     sem_tokens = (
         sem_tokens[: np.argmax(sem_tokens == eos)] if (sem_tokens == eos).any() else sem_tokens
     )
-    coarse_codes = coarse[0].numpy().reshape(-1, 2).T - sem_cfg.semantic_vocab_size
+    coarse_codes = coarse[0].cpu().numpy().reshape(-1, 2).T - sem_cfg.semantic_vocab_size
     return Reference(
         semantic=sem_tokens,
         coarse=np.remainder(coarse_codes, gen.codebook_size),
-        fine=fine[0].numpy(),
-        audio=audio[0].numpy(),
+        fine=fine[0].cpu().numpy(),
+        audio=audio[0].float().cpu().numpy(),
     )
+
+
+# A mixed batch for batch-invariance tests: greedy, sampling, top-k/top-p, min_eos_p, voices.
+MIXED_CASES = [
+    ("Hello there.", None, dict(greedy=True, max_semantic_tokens=30)),
+    (
+        "A longer sentence with another voice in it.",
+        "v2/en_speaker_1",
+        dict(seed=5, max_semantic_tokens=70),
+    ),
+    (
+        "Sampling with top k.",
+        "v2/de_speaker_0",
+        dict(seed=9, top_k=50, top_p=0.9, max_semantic_tokens=45),
+    ),
+    (
+        "Short.",
+        "v2/en_speaker_2",
+        dict(seed=3, text_temp=1.0, min_eos_p=0.5, max_semantic_tokens=25),
+    ),
+]

@@ -20,6 +20,7 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
+from reference import MIXED_CASES, reference_generate
 
 from stream_engine import Engine, EngineConfig, GenerationOptions
 from stream_engine.bark.model import CausalGPT
@@ -167,59 +168,6 @@ def test_decode_never_syncs_with_the_host(engines):
 
 
 @torch.no_grad()
-def _reference(model, processor, text: str, voice: str | None, max_new: int) -> dict:
-    """tests/reference.py's reference_generate, with inputs on the model's device."""
-    from transformers.models.bark.generation_configuration_bark import (
-        BarkCoarseGenerationConfig,
-        BarkFineGenerationConfig,
-        BarkSemanticGenerationConfig,
-    )
-
-    dev = model.device
-    gen = model.generation_config
-    sem_cfg = BarkSemanticGenerationConfig(**gen.semantic_config)
-    sem_cfg.max_new_tokens = max_new
-    coarse_cfg = BarkCoarseGenerationConfig(**gen.coarse_acoustics_config)
-    fine_cfg = BarkFineGenerationConfig(**gen.fine_acoustics_config)
-    inputs = processor(text, voice_preset=voice)
-    history = inputs.get("history_prompt")
-    if history is not None:
-        history = {k: torch.as_tensor(v).to(dev) for k, v in history.items()}
-    semantic = model.semantic.generate(
-        inputs["input_ids"].to(dev),
-        attention_mask=inputs["attention_mask"].to(dev),
-        history_prompt=history,
-        semantic_generation_config=sem_cfg,
-    )
-    sem_tokens = semantic[0].cpu().numpy()
-    coarse = model.coarse_acoustics.generate(
-        semantic,
-        history_prompt=history,
-        semantic_generation_config=sem_cfg,
-        coarse_generation_config=coarse_cfg,
-        codebook_size=gen.codebook_size,
-    )
-    fine = model.fine_acoustics.generate(
-        coarse,
-        history_prompt=history,
-        semantic_generation_config=sem_cfg,
-        coarse_generation_config=coarse_cfg,
-        fine_generation_config=fine_cfg,
-        codebook_size=gen.codebook_size,
-    )
-    audio = model.codec_decode(fine)
-    eos = sem_cfg.eos_token_id
-    if (sem_tokens == eos).any():
-        sem_tokens = sem_tokens[: np.argmax(sem_tokens == eos)]
-    coarse_codes = coarse[0].cpu().numpy().reshape(-1, 2).T - sem_cfg.semantic_vocab_size
-    return {
-        "semantic": sem_tokens,
-        "coarse": np.remainder(coarse_codes, gen.codebook_size),
-        "fine": fine[0].cpu().numpy(),
-        "audio": audio[0].float().cpu().numpy(),
-    }
-
-
 def _assert_same_tokens(ours, want: dict) -> None:
     """``ours`` a Speech, ``want`` a dict with the same token arrays."""
     for key in ("semantic", "coarse", "fine"):
@@ -241,7 +189,7 @@ def _tokens(speech) -> dict:
 )
 def test_cuda_float32_matches_transformers_on_cuda(engines, text, voice, n):
     engine = engines("float32")
-    ref = _reference(engine.loaded.model, engine.loaded.processor, text, voice, n)
+    ref = vars(reference_generate(engine.loaded.model, engine.loaded.processor, text, voice, n))
     ours = engine.generate(text, voice=voice, greedy=True, max_semantic_tokens=n)[0]
     _assert_same_tokens(ours, ref)
     assert ours.audio.shape == ref["audio"].shape
@@ -259,24 +207,7 @@ def test_cuda_float32_matches_cpu_engine(engines):
     assert np.abs(a.audio - b.audio).max() <= 1e-2 * np.abs(a.audio).max()
 
 
-CASES = [  # tests/runtime/test_batching.py's mix: greedy, sampling, top-k/top-p, min_eos_p
-    ("Hello there.", None, dict(greedy=True, max_semantic_tokens=30)),
-    (
-        "A longer sentence with another voice in it.",
-        "v2/en_speaker_1",
-        dict(seed=5, max_semantic_tokens=70),
-    ),
-    (
-        "Sampling with top k.",
-        "v2/de_speaker_0",
-        dict(seed=9, top_k=50, top_p=0.9, max_semantic_tokens=45),
-    ),
-    (
-        "Short.",
-        "v2/en_speaker_2",
-        dict(seed=3, text_temp=1.0, min_eos_p=0.5, max_semantic_tokens=25),
-    ),
-]
+CASES = MIXED_CASES
 
 
 def _run_mixed(engine: Engine):

@@ -1,27 +1,11 @@
 """Batch invariance: every request of a mixed batch equals the same request run alone."""
 
 import numpy as np
+from reference import MIXED_CASES
 
 from stream_engine.config import GenerationOptions
 
-CASES = [
-    ("Hello there.", None, dict(greedy=True, max_semantic_tokens=30)),
-    (
-        "A longer sentence with another voice in it.",
-        "v2/en_speaker_1",
-        dict(seed=5, max_semantic_tokens=70),
-    ),
-    (
-        "Sampling with top k.",
-        "v2/de_speaker_0",
-        dict(seed=9, top_k=50, top_p=0.9, max_semantic_tokens=45),
-    ),
-    (
-        "Short.",
-        "v2/en_speaker_2",
-        dict(seed=3, text_temp=1.0, min_eos_p=0.5, max_semantic_tokens=25),
-    ),
-]
+CASES = MIXED_CASES
 
 
 def test_mixed_batch_equals_alone(tiny):
