@@ -156,7 +156,8 @@ async def test_speak_then_stop_in_headless_chromium(make_server, tmp_path):
         hook = await se_test(page)
         assert hook["terminal"] is None, "the stream ended before Stop could be pressed"
         assert playing == [str(hook["playingSegment"]), "true"]  # highlighted while it plays
-        assert hook["sent"].count("speak") == len(LONGER.split())  # a word a message
+        # a word a message (audio may start before the last words are sent)
+        assert 1 < hook["sent"].count("speak") <= len(LONGER.split())
         await page.screenshot(path=str(tmp_path / "browser-client-playing.png"), full_page=True)
         stopped_at = time.monotonic()
         await page.click("#stop")
