@@ -93,3 +93,23 @@ MIXED_CASES = [
         dict(seed=3, text_temp=1.0, min_eos_p=0.5, max_semantic_tokens=25),
     ),
 ]
+
+
+def run_mixed(engine) -> list:
+    """MIXED_CASES through ``engine``'s runtime, two at once and two joining 5 steps later.
+
+    Returns their speeches, in MIXED_CASES order.
+    """
+    from stream_engine.config import GenerationOptions
+
+    reqs = [engine.request(t, v, GenerationOptions(**o)) for t, v, o in MIXED_CASES]
+    rt = engine.runtime
+    rt.submit(reqs[0])
+    rt.submit(reqs[1])
+    for _ in range(5):
+        rt.step()
+    rt.submit(reqs[2])
+    rt.submit(reqs[3])
+    while rt.busy:
+        rt.step()
+    return [r.speech(engine.sample_rate) for r in reqs]

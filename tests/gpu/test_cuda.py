@@ -20,9 +20,9 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
-from reference import MIXED_CASES, reference_generate
+from reference import reference_generate, run_mixed
 
-from stream_engine import Engine, EngineConfig, GenerationOptions
+from stream_engine import Engine, EngineConfig
 from stream_engine.bark.model import CausalGPT
 from stream_engine.runtime.cuda import DecodeGraphs, bucket_for
 
@@ -207,24 +207,6 @@ def test_cuda_float32_matches_cpu_engine(engines):
     assert np.abs(a.audio - b.audio).max() <= 1e-2 * np.abs(a.audio).max()
 
 
-CASES = MIXED_CASES
-
-
-def _run_mixed(engine: Engine):
-    """CASES joining at different steps, as in test_batching; returns their speeches."""
-    reqs = [engine.request(t, v, GenerationOptions(**o)) for t, v, o in CASES]
-    rt = engine.runtime
-    rt.submit(reqs[0])
-    rt.submit(reqs[1])
-    for _ in range(5):
-        rt.step()
-    rt.submit(reqs[2])
-    rt.submit(reqs[3])
-    while rt.busy:
-        rt.step()
-    return [r.speech(engine.sample_rate) for r in reqs]
-
-
 def test_graphs_on_and_off_give_the_same_tokens(engines):
     on, off = engines("float32", True), engines("float32", False)
     for name in ("semantic", "coarse"):
@@ -237,7 +219,7 @@ def test_graphs_on_and_off_give_the_same_tokens(engines):
             )
         assert stage_off.decode == stage_off.model.decode
     with torch.inference_mode():
-        a, b = _run_mixed(on), _run_mixed(off)
+        a, b = run_mixed(on), run_mixed(off)
     for x, y in zip(a, b, strict=True):
         _assert_same_tokens(x, _tokens(y))
         assert np.abs(x.audio - y.audio).max() <= 1e-5

@@ -1,7 +1,7 @@
 """Batch invariance: every request of a mixed batch equals the same request run alone."""
 
 import numpy as np
-from reference import MIXED_CASES
+from reference import MIXED_CASES, run_mixed
 
 from stream_engine.config import GenerationOptions
 
@@ -10,19 +10,8 @@ CASES = MIXED_CASES
 
 def test_mixed_batch_equals_alone(tiny):
     alone = [tiny.generate(t, voice=v, **o)[0] for t, v, o in CASES]
-    reqs = [tiny.request(t, v, GenerationOptions(**o)) for t, v, o in CASES]
-    # join at different steps: two now, two after a few steps
-    rt = tiny.runtime
-    rt.submit(reqs[0])
-    rt.submit(reqs[1])
-    for _ in range(5):
-        rt.step()
-    rt.submit(reqs[2])
-    rt.submit(reqs[3])
-    while rt.busy:
-        rt.step()
-    for a, r in zip(alone, reqs, strict=True):
-        b = r.speech(tiny.sample_rate)
+    mixed = run_mixed(tiny)  # two join now, two after a few steps
+    for a, b in zip(alone, mixed, strict=True):
         np.testing.assert_array_equal(a.semantic, b.semantic)
         np.testing.assert_array_equal(a.coarse, b.coarse)
         np.testing.assert_array_equal(a.fine, b.fine)
