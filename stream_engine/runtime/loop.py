@@ -245,15 +245,7 @@ class Runtime:
             for name in STAGES:
                 if r in self.queues[name]:
                     self.queues[name].remove(r)
-                elif r.status in _INSIDE[name]:
+                elif r.status == Status(STAGES.index(name) + 1):  # inside the stage
                     self.removals[name].append(r)
             r.status, r.error, r.after = status, error, None
         return dropped
-
-
-_INSIDE = {
-    "semantic": (Status.SEMANTIC,),
-    "coarse": (Status.COARSE,),
-    "fine": (Status.FINE,),
-    "codec": (Status.CODEC,),
-}

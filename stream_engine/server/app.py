@@ -273,7 +273,6 @@ class Server:
             if origin is not None and origin not in cfg.allowed_origins:
                 return _response(HTTPStatus.FORBIDDEN, "origin not allowed\n")
         if cfg.token is not None:
-            given = ""
             auth = request.headers.get("Authorization", "")
             if auth.startswith("Bearer "):
                 given = auth[len("Bearer ") :]
