@@ -94,6 +94,9 @@ class EngineConfig:
     codec_batch: int = 4  # requests decoded by EnCodec per step
     attn: str = "sdpa"  # "sdpa", "eager" or "flash_attention_2" (CUDA + flash-attn only)
     cuda_graphs: bool = True  # on CUDA: capture decode steps per batch-size bucket
+    # on CPU in float32: decode steps use oneDNN with a packed copy of the semantic and
+    # coarse weights (about twice the memory bandwidth of the default GEMM at batch 1-8)
+    cpu_packed_decode: bool = True
     max_queue: int = 256  # requests waiting for a stage before submit() raises Busy
 
     def __post_init__(self) -> None:

@@ -77,6 +77,9 @@ class Engine:
         assert isinstance(fine, FineGPT)
         for m in (semantic, coarse, fine):
             m.set_attn(config.attn)
+        if config.cpu_packed_decode:
+            semantic.pack_for_decode(config.semantic_slots)
+            coarse.pack_for_decode(config.coarse_slots)
         self.semantic_model, self.coarse_model, self.fine_model = semantic, coarse, fine
         self.voices = {name: VoicePrompt.from_preset(p) for name, p in loaded.voices.items()}
         self._ids = itertools.count(1)
