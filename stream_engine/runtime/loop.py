@@ -112,6 +112,23 @@ class Runtime:
                 return True
         return False
 
+    def urgent(self, names: Iterable[str]) -> bool:
+        """Whether stages ``names`` hold or may admit a request a listener is waiting for.
+
+        That is a stream's first unfinished segment: it continues no segment, or the segment
+        it continues has finished. Call with ``changed`` held.
+        """
+        names = tuple(names)
+        for req in self.requests.values():
+            if req.after is not None and not req.after.status.final:
+                continue
+            k = req.status - 1  # the stage it entered last
+            if 0 <= k < len(STAGES) and req.completed == k and STAGES[k] in names:
+                return True  # inside one of the stages
+            if any(req in self.queues[n] and self._ready(req, n) for n in names):
+                return True
+        return False
+
     def schedule(self, names: Iterable[str] = STAGES) -> Plan:
         names = tuple(names)
         with self.changed:

@@ -6,6 +6,11 @@ stage of segment N+1 runs while the acoustic stages (coarse, fine, codec) work o
 On CUDA each worker issues its work on its own CUDA stream; work is handed over between stages
 through host memory (tokens are read back at stage ends), so no cross-stream event is needed.
 
+On a CPU the workers share the same cores, so a step of work nobody waits for yet (the
+semantic stage of a stream's next segment) would slow the step a listener is waiting for. There
+the workers take turns by :class:`~.scheduler.SharedCores`: urgent work runs at once, and
+background work keeps to a share of the time while urgent work is about.
+
 Callers use :meth:`Pipeline.submit` / :meth:`Pipeline.cancel` from any thread; finished and
 failed requests are handed to ``on_final`` from the worker thread that finished them (the
 server bridges that to its event loop).
@@ -16,12 +21,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
 from .loop import Runtime
 from .request import Request
+from .scheduler import SharedCores
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +42,19 @@ class Pipeline:
         on_final: Callable[[Request], None],
         groups: Sequence[Sequence[str]] = DEFAULT_GROUPS,
         device: torch.device | None = None,
+        cores: SharedCores | bool | None = True,
     ) -> None:
+        """``cores``: the priority between workers on a CPU (``True``: the default policy
+        there and none on a GPU; ``False``/``None``: none, every worker steps when it can)."""
         self.runtime = runtime
         self.on_final = on_final
         self.groups = [tuple(g) for g in groups]
         self.device = device or torch.device("cpu")
+        if cores is True:
+            cores = SharedCores() if self.device.type == "cpu" else None
+        self.cores: SharedCores | None = cores or None
+        self._urgent_running: dict[tuple[str, ...], bool] = {}  # group -> its step is urgent
+        self._allowed_from: dict[tuple[str, ...], float] = {}  # group -> next background step
         self._stop = False
         self._threads: list[threading.Thread] = []
         self.batch_sizes: dict[str, int] = {}  # stage -> requests in its last step (metrics)
@@ -84,20 +99,52 @@ class Pipeline:
         else:
             yield
 
+    def _turn(self, group: tuple[str, ...]) -> bool | None:
+        """Wait until ``group`` has work and may step; whether the step is urgent (None: stop).
+
+        Call with the runtime's ``changed`` held.
+        """
+        rt = self.runtime
+        while True:
+            if self._stop:
+                return None
+            if not rt.has_work(group):
+                rt.changed.wait()
+                continue
+            if self.cores is None:
+                return True
+            urgent = rt.urgent(group)
+            elsewhere = any(u for g, u in self._urgent_running.items() if g != group) or any(
+                g != group and rt.has_work(g) and rt.urgent(g) for g in self.groups
+            )
+            now = time.perf_counter()
+            allowed_from = self._allowed_from.get(group, 0.0)
+            if self.cores.may_run(urgent, elsewhere, now, allowed_from):
+                return urgent
+            rt.changed.wait(timeout=max(allowed_from - now, 0.001))
+
     def _work(self, group: tuple[str, ...]) -> None:
         rt = self.runtime
         with self._stream():
             while True:
                 with rt.changed:
-                    while not self._stop and not rt.has_work(group):
-                        rt.changed.wait()
-                    if self._stop:
+                    urgent = self._turn(group)
+                    if urgent is None:
                         return
+                    self._urgent_running[group] = urgent
+                started = time.perf_counter()
                 try:
                     final = rt.step(group)
                 except Exception:  # a bug in the loop itself: fail what this group holds
                     log.exception("worker %s failed", group)
                     final = rt.fail_held(group)
+                with rt.changed:
+                    del self._urgent_running[group]
+                    if not urgent and self.cores is not None:
+                        self._allowed_from[group] = self.cores.next_allowed(
+                            started, time.perf_counter()
+                        )
+                    rt.changed.notify_all()
                 for name in group:
                     self.batch_sizes[name] = rt.stages[name].active
                 for req in final:

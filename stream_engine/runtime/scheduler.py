@@ -17,6 +17,11 @@ Policy:
 * Every stage with work runs once per iteration, downstream first, so that a request nearer to
   producing audio is never held back by one that has just arrived: the codec and fine stages
   free their slots before the coarse and semantic stages fill theirs.
+* Between worker threads that share the CPU's cores (:class:`SharedCores`): a step whose work
+  a listener is waiting for (*urgent*: a stream's first unfinished segment) runs at once;
+  other (*background*) work, such as the semantic stage of a stream's next segment, takes at
+  most a set share of the time while urgent work is about, so that it still overlaps but
+  does not slow the audio a listener is waiting for.
 """
 
 from __future__ import annotations
@@ -88,3 +93,31 @@ class Scheduler:
                 break  # alone, or wait for the stage to drain
             admit.append(t.request_id)
         return admit
+
+
+@dataclass(frozen=True)
+class SharedCores:
+    """Priority between worker threads that share the same cores (the CPU).
+
+    On a GPU the stages' workers run side by side on separate streams. On a CPU they compete
+    for the same few cores, so a background step (work nobody is waiting for yet) slows the
+    urgent one it runs beside. Background work therefore runs freely only while no urgent work
+    is running or waiting elsewhere; otherwise it keeps to ``share`` of the wall time.
+    """
+
+    share: float = 0.25  # most of the wall time background work takes beside urgent work
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.share <= 1.0:
+            raise ValueError(f"share must be in (0, 1], got {self.share!r}")
+
+    def may_run(
+        self, urgent: bool, urgent_elsewhere: bool, now: float, allowed_from: float
+    ) -> bool:
+        """Whether a worker may step now. ``allowed_from``: see :meth:`next_allowed`."""
+        return urgent or not urgent_elsewhere or now >= allowed_from
+
+    def next_allowed(self, started: float, ended: float) -> float:
+        """After a background step over ``[started, ended)``: when the next may start while
+        urgent work is about (so that background steps fill ``share`` of the time)."""
+        return ended + (ended - started) * (1.0 - self.share) / self.share

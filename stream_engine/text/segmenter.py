@@ -58,7 +58,9 @@ First segment
     So that audio starts early, the first segment of a stream ends at the first clause boundary
     with at least ``first_min_words`` words before it, or else after ``first_max_words`` words
     (at the word boundary after them, moved past a cue or lyric it falls in), unless the
-    sentence ends first. Words are runs without spaces; each Han or kana character counts as a
+    sentence ends first. That word-limit cut waits for ``first_min_words`` more words: if the
+    sentence ends (or a clause boundary comes) among them, the segment ends there instead, so
+    that no tail of a word or two is left to be spoken alone. Words are runs without spaces; each Han or kana character counts as a
     word. The rule holds until the first speakable segment has been returned (by ``push`` or
     ``flush``); later segments are whole sentences, split only for the length limit.
 
@@ -256,7 +258,7 @@ class SegmenterConfig:
     max_tokens_per_char: float = 1.0  # most tokens one character adds (1.0: BERT WordPiece)
     short_first: bool = True  # cut the first segment early so audio starts early
     first_min_words: int = 3  # the first segment ends at a clause boundary after this many words
-    first_max_words: int = 12  # ... or after this many words when no clause boundary came
+    first_max_words: int = 8  # ... or after this many words when no clause boundary came
     max_cue_chars: int = 40  # a "[" closed within this many characters is a cue
     max_lyric_chars: int = 300  # a "♪" closed by "♪" within this many characters is a lyric
     abbreviations: frozenset[str] = DEFAULT_ABBREVIATIONS  # words a "." does not end (no case)
@@ -318,7 +320,7 @@ class Segmenter:
         self._ended = False
         self._out: list[str] = []
         self._limit_key: tuple[int, int, bool] | None = None
-        self._limit_value: int | None = None
+        self._limit_value: tuple[int, int] | None = None
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -382,9 +384,9 @@ class Segmenter:
             m = (_FIRST_EVENTS if first else _END_EVENTS).search(buf, i)
             j = m.start() if m else n
             if first:
-                e = self._word_limit(final)
-                if e is not None and e <= j:
-                    w = self._past_region(e)
+                limit = self._word_limit(final)
+                if limit is not None and limit[1] <= j:
+                    w = self._past_region(limit[0])
                     if self._cut(w):
                         i = w
                     continue
@@ -536,8 +538,15 @@ class Segmenter:
         parts = word.split(".")
         return len(parts) > 1 and all(p.isalpha() and len(p) <= 2 for p in parts)
 
-    def _word_limit(self, final: bool) -> int | None:
-        """Where the ``first_max_words``-th word of the segment ends, once that is known."""
+    def _word_limit(self, final: bool) -> tuple[int, int] | None:
+        """Where the ``first_max_words``-th word of the segment ends, once that cut is decided.
+
+        The cut is decided once ``first_min_words`` more words have arrived without a sentence
+        end or clause boundary among them, so that a sentence a little longer than the limit
+        is not cut into a long segment and a tail of a word or two. Returns ``(cut, seen)``,
+        ``seen`` being where the last of those words ends: the cut holds if no event comes
+        before ``seen``. None while undecided, or when the text ends before those words.
+        """
         key = (self._start, len(self._buf), final)
         if key != self._limit_key:
             self._limit_key = key
@@ -545,11 +554,15 @@ class Segmenter:
             n = len(self._buf)
             bound = self._start + self._cfg.max_chars  # beyond it the length limit cuts first
             units = _UNIT.finditer(self._buf, self._start, min(n, bound + 1))
+            cut = -1
             for words, m in enumerate(units, 1):
                 if m.end() > bound or (m.end() == n and not final):
                     break
                 if words == self._cfg.first_max_words:
-                    self._limit_value = m.end()
+                    cut = m.end()
+                if words == self._cfg.first_max_words + self._cfg.first_min_words:
+                    if m.end() < n:  # the text's last word ends the segment anyway
+                        self._limit_value = (cut, m.end())
                     break
         return self._limit_value
 

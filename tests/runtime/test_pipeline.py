@@ -2,14 +2,18 @@
 
 import itertools
 import threading
+import time
 
 import numpy as np
 import pytest
 
 from stream_engine.bark.prompts import continue_voice
 from stream_engine.config import GenerationOptions
+from stream_engine.runtime.loop import Runtime
 from stream_engine.runtime.pipeline import Pipeline
-from stream_engine.runtime.request import Status
+from stream_engine.runtime.request import Request, Status
+from stream_engine.runtime.scheduler import STAGES, SharedCores
+from stream_engine.runtime.stages import Stage, _Row
 
 VOICE = "v2/en_speaker_3"
 
@@ -127,3 +131,103 @@ def test_pipeline_cancel_and_stop(tiny):
     assert [r.id for r in got] == [short.id]
     assert long.status is Status.CANCELLED and long.audio is None
     assert all(s.active == 0 for s in tiny.runtime.stages.values())
+
+
+# -- workers sharing the CPU: urgent work first (fake stages that sleep) --------------------------
+
+
+class Sleepy(Stage):
+    """A fake stage: each request stays ``steps`` steps of ``dt`` seconds; logs every step."""
+
+    def __init__(self, name, steps, dt, log):
+        super().__init__(8)
+        self.name, self.steps, self.dt, self.log = name, steps, dt, log
+
+    def admit(self, req):
+        self.slots.take(_Row(req))
+        req.status = Status(STAGES.index(self.name) + 1)
+
+    def step(self):
+        start = time.perf_counter()
+        time.sleep(self.dt)
+        self.log.append((self.name, [r.req.id for _, r in self.slots.items()], start))
+        out = []
+        for i, row in self.slots.items():
+            row.req.mark(self.name)
+            row.generated += 1
+            if row.generated == self.steps:
+                row.req.semantic, row.req.coarse = [1, 2], np.zeros((2, 3), np.int64)
+                row.req.fine, row.req.audio = np.zeros((8, 3), np.int64), np.zeros(960, np.float32)
+                self.slots.release(i)
+                out.append(row.req)
+        return out
+
+
+def sleepy_run(cores):
+    """One stream of two segments: segment 1's semantic steps while segment 0 is in coarse."""
+    log: list = []
+    plan = {"semantic": (5, 0.01), "coarse": (30, 0.01), "fine": (1, 0.001), "codec": (1, 0.001)}
+    rt = Runtime({n: Sleepy(n, steps, dt, log) for n, (steps, dt) in plan.items()})
+    done = threading.Event()
+    finals: list = []
+
+    def on_final(req):
+        finals.append(req)
+        if len(finals) == 2:
+            done.set()
+
+    pipe = Pipeline(rt, on_final, cores=cores)
+    first = Request(1, "a", [1], GenerationOptions(seed=1), None, 10)
+    second = Request(2, "b", [1], GenerationOptions(seed=1), None, 10, after=first)
+    pipe.start()
+    try:
+        pipe.submit(first)
+        pipe.submit(second)
+        assert done.wait(30)
+    finally:
+        pipe.stop(timeout=10)
+    coarse_0 = [s for n, ids, s in log if n == "coarse" and ids == [1]]
+    background = [s for n, ids, s in log if n == "semantic" and ids == [2]]
+    beside = [s for s in background if s < coarse_0[-1]]  # while segment 0 was in coarse
+    return first, second, beside
+
+
+@pytest.mark.timeout(60)
+def test_on_shared_cores_the_next_segment_keeps_to_its_share():
+    first, second, beside = sleepy_run(SharedCores(share=0.25))
+    assert first.status is Status.FINISHED and second.status is Status.FINISHED
+    # it still overlaps: segment 1's semantic began before segment 0's audio was decoded
+    assert second.trace["semantic"][0] < first.trace["codec"][1]
+    # ... but as background work: a 10 ms step at most every 40 ms beside urgent coarse steps
+    assert len(beside) >= 2
+    gaps = [b - a for a, b in itertools.pairwise(beside)]
+    assert min(gaps) >= 0.035, gaps
+
+
+@pytest.mark.timeout(60)
+def test_without_shared_cores_the_next_segment_runs_freely():
+    _, second, beside = sleepy_run(False)
+    assert second.status is Status.FINISHED
+    assert len(beside) == 5  # all five steps while segment 0 was still in coarse
+    assert max(b - a for a, b in itertools.pairwise(beside)) < 0.035
+
+
+def test_urgent_means_a_listener_waits_for_it(tiny):
+    rt = tiny.runtime
+    first = tiny.request("One.", None, opts(30))
+    second = tiny.request("Two.", None, opts(30), after=first)
+    rt.submit(first)
+    rt.submit(second)
+    with rt.changed:
+        assert rt.urgent(["semantic"])  # the first segment is waiting for it
+        assert not rt.urgent(["coarse", "fine", "codec"])
+    while first.completed < 1:
+        rt.step(["semantic"])
+    with rt.changed:
+        # first waits for coarse (urgent); second may now enter semantic, but nobody waits yet
+        assert rt.urgent(["coarse", "fine", "codec"])
+        assert not rt.urgent(["semantic"])
+    while rt.busy:
+        rt.step()
+    with rt.changed:
+        assert not rt.urgent(["semantic", "coarse", "fine", "codec"])

@@ -1,6 +1,8 @@
 """The pure policy, with fake stage states."""
 
-from stream_engine.runtime.scheduler import Scheduler, StageState, Ticket
+import pytest
+
+from stream_engine.runtime.scheduler import Scheduler, SharedCores, StageState, Ticket
 
 
 def states(**free_active):
@@ -40,3 +42,31 @@ def test_plans_only_the_stages_it_is_given():
     plan = Scheduler().plan({"coarse": [Ticket(1, 1)]}, st)
     assert plan.run == ["semantic"]
     assert "coarse" not in plan.admit
+
+
+# -- workers that share cores ------------------------------------------------------------------
+
+
+def test_shared_cores_lets_urgent_work_run_at_once():
+    cores = SharedCores(share=0.25)
+    assert cores.may_run(urgent=True, urgent_elsewhere=True, now=0.0, allowed_from=10.0)
+    assert cores.may_run(urgent=False, urgent_elsewhere=False, now=0.0, allowed_from=10.0)
+    assert not cores.may_run(urgent=False, urgent_elsewhere=True, now=9.9, allowed_from=10.0)
+    assert cores.may_run(urgent=False, urgent_elsewhere=True, now=10.0, allowed_from=10.0)
+
+
+@pytest.mark.parametrize("share", [0.1, 0.25, 0.5, 1.0])
+def test_background_steps_keep_to_their_share(share):
+    cores = SharedCores(share=share)
+    t, busy = 0.0, 0.0
+    for _ in range(50):  # background steps of 2 s, each as early as allowed beside urgent work
+        start, end = t, t + 2.0
+        busy += end - start
+        t = cores.next_allowed(start, end)
+    assert busy / t == pytest.approx(share)
+
+
+@pytest.mark.parametrize("share", [0.0, -0.5, 1.5])
+def test_shared_cores_rejects_a_share_outside_0_1(share):
+    with pytest.raises(ValueError, match="share"):
+        SharedCores(share=share)

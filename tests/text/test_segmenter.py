@@ -381,18 +381,36 @@ def test_first_segment_rule_in_other_scripts():
     ]
 
 
-def test_first_segment_without_a_clause_ends_after_twelve_words():
+def test_first_segment_without_a_clause_ends_after_eight_words():
     text = " ".join(f"w{i}" for i in range(1, 16)) + "."
     segments = run(text)[0]
-    assert segments == [" ".join(f"w{i}" for i in range(1, 13)), "w13 w14 w15."]
+    assert segments == [" ".join(f"w{i}" for i in range(1, 9)), "w9 w10 w11 w12 w13 w14 w15."]
     seg = Segmenter()
     got: list[str] = []
+    pushed = 0
     for word in text.split():
         got += seg.push(word + " ")
-        if len(got) == 1:
+        pushed += 1
+        if got:
             break
     assert got == segments[:1]
-    assert seg.buffered == ""  # emitted once the space after the 12th word arrived
+    # decided once three more words (w9..w11, no sentence end among them) were complete
+    assert pushed == 11
+    assert seg.buffered.strip() == "w9 w10 w11"
+
+
+@pytest.mark.parametrize("extra", [1, 2, 3])
+def test_a_sentence_just_over_the_word_limit_is_not_cut(extra):
+    sentence = " ".join(f"w{i}" for i in range(1, 9 + extra)) + "."
+    text = sentence + " Then another sentence follows here."
+    assert run(text)[0] == [sentence, "Then another sentence follows here."]
+    final_only = " ".join(f"w{i}" for i in range(1, 9 + extra))  # no sentence end, then end()
+    assert run(final_only)[0] == [final_only]
+
+
+def test_a_clause_just_after_the_word_limit_ends_the_first_segment():
+    text = "w1 w2 w3 w4 w5 w6 w7 w8 w9, w10 w11 w12 w13 w14."
+    assert run(text)[0] == ["w1 w2 w3 w4 w5 w6 w7 w8 w9,", "w10 w11 w12 w13 w14."]
 
 
 def test_first_segment_settings():
