@@ -6,10 +6,11 @@ stage of segment N+1 runs while the acoustic stages (coarse, fine, codec) work o
 On CUDA each worker issues its work on its own CUDA stream; work is handed over between stages
 through host memory (tokens are read back at stage ends), so no cross-stream event is needed.
 
-On a CPU the workers share the same cores, so a step of work nobody waits for yet (the
-semantic stage of a stream's next segment) would slow the step a listener is waiting for. There
-the workers take turns by :class:`~.scheduler.SharedCores`: urgent work runs at once, and
-background work keeps to a share of the time while urgent work is about.
+On a CPU the workers share the same cores, and each step's kernels already use all of them:
+two steps at once only slow each other, and a step of work nobody waits for yet (the semantic
+stage of a stream's next segment) would slow the step a listener is waiting for. There the
+workers take turns, one step at a time, in the order :class:`~.scheduler.SharedCores` picks:
+urgent work first, background work to a share of the time while urgent work waits.
 
 Callers use :meth:`Pipeline.submit` / :meth:`Pipeline.cancel` from any thread; finished and
 failed requests are handed to ``on_final`` from the worker thread that finished them (the
@@ -53,8 +54,7 @@ class Pipeline:
         if cores is True:
             cores = SharedCores() if self.device.type == "cpu" else None
         self.cores: SharedCores | None = cores or None
-        self._urgent_running: dict[tuple[str, ...], bool] = {}  # group -> its step is urgent
-        self._allowed_from: dict[tuple[str, ...], float] = {}  # group -> next background step
+        self._turn_of: tuple[str, ...] | None = None  # with cores: the group stepping now
         self._stop = False
         self._threads: list[threading.Thread] = []
         self.batch_sizes: dict[str, int] = {}  # stage -> requests in its last step (metrics)
@@ -100,28 +100,32 @@ class Pipeline:
             yield
 
     def _turn(self, group: tuple[str, ...]) -> bool | None:
-        """Wait until ``group`` has work and may step; whether the step is urgent (None: stop).
+        """Wait until ``group`` has work and its turn; whether its step is urgent (None: stop).
 
-        Call with the runtime's ``changed`` held.
+        Call with the runtime's ``changed`` held. Without ``cores`` every group steps whenever
+        it has work. With them one group steps at a time: whichever thread finds no group
+        stepping asks the policy, reserves the turn for the group picked and wakes the others.
         """
         rt = self.runtime
         while True:
             if self._stop:
                 return None
             if not rt.has_work(group):
+                if self._turn_of == group:  # its work went away (cancelled): pass the turn on
+                    self._turn_of = None
+                    rt.changed.notify_all()
                 rt.changed.wait()
                 continue
             if self.cores is None:
                 return True
-            urgent = rt.urgent(group)
-            elsewhere = any(u for g, u in self._urgent_running.items() if g != group) or any(
-                g != group and rt.has_work(g) and rt.urgent(g) for g in self.groups
-            )
-            now = time.perf_counter()
-            allowed_from = self._allowed_from.get(group, 0.0)
-            if self.cores.may_run(urgent, elsewhere, now, allowed_from):
-                return urgent
-            rt.changed.wait(timeout=max(allowed_from - now, 0.001))
+            if self._turn_of is None:
+                wants = {"+".join(g): rt.urgent(g) for g in self.groups if rt.has_work(g)}
+                picked = self.cores.pick(wants, time.perf_counter())
+                self._turn_of = next(g for g in self.groups if "+".join(g) == picked)
+                rt.changed.notify_all()
+            if self._turn_of == group:
+                return rt.urgent(group)
+            rt.changed.wait()
 
     def _work(self, group: tuple[str, ...]) -> None:
         rt = self.runtime
@@ -131,7 +135,6 @@ class Pipeline:
                     urgent = self._turn(group)
                     if urgent is None:
                         return
-                    self._urgent_running[group] = urgent
                 started = time.perf_counter()
                 try:
                     final = rt.step(group)
@@ -139,11 +142,9 @@ class Pipeline:
                     log.exception("worker %s failed", group)
                     final = rt.fail_held(group)
                 with rt.changed:
-                    del self._urgent_running[group]
-                    if not urgent and self.cores is not None:
-                        self._allowed_from[group] = self.cores.next_allowed(
-                            started, time.perf_counter()
-                        )
+                    if self.cores is not None:
+                        self.cores.ran("+".join(group), urgent, started, time.perf_counter())
+                        self._turn_of = None
                     rt.changed.notify_all()
                 for name in group:
                     self.batch_sizes[name] = rt.stages[name].active

@@ -95,29 +95,53 @@ class Scheduler:
         return admit
 
 
-@dataclass(frozen=True)
 class SharedCores:
-    """Priority between worker threads that share the same cores (the CPU).
+    """Turns between worker threads that share the same cores (the CPU). Pure: no clocks.
 
-    On a GPU the stages' workers run side by side on separate streams. On a CPU they compete
-    for the same few cores, so a background step (work nobody is waiting for yet) slows the
-    urgent one it runs beside. Background work therefore runs freely only while no urgent work
-    is running or waiting elsewhere; otherwise it keeps to ``share`` of the wall time.
+    On a GPU the stages' workers run side by side on separate streams. On a CPU they would
+    compete for the same few cores (each step's kernels already use all of them), so here one
+    worker steps at a time, and :meth:`pick` says which:
+
+    * *Urgent* work (a step a listener is waiting for) always has a claim; *background* work
+      has one when no urgent work is waiting, or when it is owed time: after a background
+      step of ``d`` seconds it may claim again ``d * (1 - share) / share`` seconds later, so
+      beside urgent work it takes about ``share`` of the time. It still overlaps (the next
+      segment's semantic stage makes progress) but does not hold back what is awaited.
+    * Among claimants the one that has run least goes first, so two urgent workers share the
+      time evenly whatever their step lengths (a fine step is ~50x a decode step). A worker
+      that had no work is not credited for its idle time.
     """
 
-    share: float = 0.25  # most of the wall time background work takes beside urgent work
+    def __init__(self, share: float = 0.25) -> None:
+        if not 0.0 < share <= 1.0:
+            raise ValueError(f"share must be in (0, 1], got {share!r}")
+        self.share = share
+        self.used: dict[str, float] = {}  # worker -> seconds it has run (see pick)
+        self.allowed_from: dict[str, float] = {}  # worker -> its next background claim
+        self._wanting: set[str] = set()
 
-    def __post_init__(self) -> None:
-        if not 0.0 < self.share <= 1.0:
-            raise ValueError(f"share must be in (0, 1], got {self.share!r}")
+    def pick(self, wants: dict[str, bool], now: float) -> str | None:
+        """Which worker steps next, among ``wants`` (worker -> its work is urgent): those that
+        have work, while none is stepping. None only when ``wants`` is empty."""
+        if not wants:
+            self._wanting = set()
+            return None
+        busy = [self.used.get(w, 0.0) for w in wants if w in self._wanting]
+        floor = min(busy) if busy else 0.0
+        for w in wants:
+            if w not in self._wanting:  # back from idle: no credit for the idle time
+                self.used[w] = max(self.used.get(w, 0.0), floor)
+        self._wanting = set(wants)
+        any_urgent = any(wants.values())
+        claims = [
+            w
+            for w, urgent in wants.items()
+            if urgent or not any_urgent or now >= self.allowed_from.get(w, 0.0)
+        ]
+        return min(claims, key=lambda w: (self.used[w], not wants[w]))  # ties: urgent first
 
-    def may_run(
-        self, urgent: bool, urgent_elsewhere: bool, now: float, allowed_from: float
-    ) -> bool:
-        """Whether a worker may step now. ``allowed_from``: see :meth:`next_allowed`."""
-        return urgent or not urgent_elsewhere or now >= allowed_from
-
-    def next_allowed(self, started: float, ended: float) -> float:
-        """After a background step over ``[started, ended)``: when the next may start while
-        urgent work is about (so that background steps fill ``share`` of the time)."""
-        return ended + (ended - started) * (1.0 - self.share) / self.share
+    def ran(self, worker: str, urgent: bool, started: float, ended: float) -> None:
+        """Account for a step of ``worker`` over ``[started, ended)``."""
+        self.used[worker] = self.used.get(worker, 0.0) + (ended - started)
+        if not urgent:
+            self.allowed_from[worker] = ended + (ended - started) * (1.0 - self.share) / self.share

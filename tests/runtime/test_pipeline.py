@@ -150,7 +150,8 @@ class Sleepy(Stage):
     def step(self):
         start = time.perf_counter()
         time.sleep(self.dt)
-        self.log.append((self.name, [r.req.id for _, r in self.slots.items()], start))
+        ids = [r.req.id for _, r in self.slots.items()]
+        self.log.append((self.name, ids, start, time.perf_counter()))
         out = []
         for i, row in self.slots.items():
             row.req.mark(self.name)
@@ -186,15 +187,15 @@ def sleepy_run(cores):
         assert done.wait(30)
     finally:
         pipe.stop(timeout=10)
-    coarse_0 = [s for n, ids, s in log if n == "coarse" and ids == [1]]
-    background = [s for n, ids, s in log if n == "semantic" and ids == [2]]
+    coarse_0 = [s for n, ids, s, _ in log if n == "coarse" and ids == [1]]
+    background = [s for n, ids, s, _ in log if n == "semantic" and ids == [2]]
     beside = [s for s in background if s < coarse_0[-1]]  # while segment 0 was in coarse
-    return first, second, beside
+    return first, second, beside, log
 
 
 @pytest.mark.timeout(60)
 def test_on_shared_cores_the_next_segment_keeps_to_its_share():
-    first, second, beside = sleepy_run(SharedCores(share=0.25))
+    first, second, beside, log = sleepy_run(SharedCores(share=0.25))
     assert first.status is Status.FINISHED and second.status is Status.FINISHED
     # it still overlaps: segment 1's semantic began before segment 0's audio was decoded
     assert second.trace["semantic"][0] < first.trace["codec"][1]
@@ -202,11 +203,14 @@ def test_on_shared_cores_the_next_segment_keeps_to_its_share():
     assert len(beside) >= 2
     gaps = [b - a for a, b in itertools.pairwise(beside)]
     assert min(gaps) >= 0.035, gaps
+    # one worker steps at a time: no two steps overlap
+    spans = sorted((s, e) for _, _, s, e in log)
+    assert all(b[0] >= a[1] for a, b in itertools.pairwise(spans))
 
 
 @pytest.mark.timeout(60)
 def test_without_shared_cores_the_next_segment_runs_freely():
-    _, second, beside = sleepy_run(False)
+    _, second, beside, _ = sleepy_run(False)
     assert second.status is Status.FINISHED
     assert len(beside) == 5  # all five steps while segment 0 was still in coarse
     assert max(b - a for a, b in itertools.pairwise(beside)) < 0.035
