@@ -4,7 +4,9 @@ Prints a table and writes JSON. Usage:
     python benchmarks/stages.py --model random:small --tokens 64 --out benchmarks/results/cpu.json
 
 Measures semantic and coarse decode ms/token at batch 1 (reference: the sub-model's
-``generate`` with its DynamicCache, greedy) and our aggregate tokens/s at batch 1 and 8.
+``generate`` with its DynamicCache, greedy) and our aggregate tokens/s at batch 1 and 8:
+``--repeats`` rounds of reference, ours at batch 1, ours at batch 8, reporting medians (this
+2-core machine drifts by 10-20% over minutes; every round is in the JSON).
 Also fine ms per 1024-frame window and codec ms per audio second, ours vs reference, at
 batch 1 and 8 (per window / per audio second of the batch). End-to-end RTF:
 ``benchmarks/end_to_end.py``. ``--device cuda`` synchronizes before every clock read.
@@ -15,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
+import sys
 import time
 
 import torch
@@ -107,6 +111,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="random:small")
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="semantic/coarse: repeats (medians reported)"
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None, help="default: float32 on cpu, float16 on cuda")
     ap.add_argument("--fine-batch", type=int, default=8, help="fine/codec batch besides 1")
@@ -119,6 +126,7 @@ def main() -> None:
     hf = engine.loaded.model
     dtype = str(next(hf.parameters()).dtype).removeprefix("torch.")
     machine = f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}"
+    cmd = "benchmarks/stages.py " + " ".join(sys.argv[1:])
     if DEVICE.type == "cuda":
         machine += f", {torch.cuda.get_device_name(DEVICE)}"
     rows = {}
@@ -126,10 +134,18 @@ def main() -> None:
         ("semantic", engine.semantic_model, hf.semantic, 257),
         ("coarse", engine.coarse_model, hf.coarse_acoustics, 400),
     ):
-        r = reference_ms_per_token(ref, prompt, args.tokens)
-        b1 = ours_ms_per_token(ours, 1, prompt, args.tokens)
-        b8 = ours_ms_per_token(ours, 8, prompt, args.tokens)
+        # interleaved repeats, so that drift in the machine's speed reaches both sides; medians
+        runs = [
+            (
+                reference_ms_per_token(ref, prompt, args.tokens),
+                ours_ms_per_token(ours, 1, prompt, args.tokens),
+                ours_ms_per_token(ours, 8, prompt, args.tokens),
+            )
+            for _ in range(args.repeats)
+        ]
+        r, b1, b8 = (statistics.median(col) for col in zip(*runs, strict=True))
         rows[name] = {
+            "repeats_ms": [list(run) for run in runs],
             "reference_ms_per_token": r,
             "ours_b1_ms_per_token": b1,
             "ours_b1_vs_reference": b1 / r,
@@ -157,6 +173,7 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             record = {
+                "command": cmd,
                 "model": args.model,
                 "machine": machine,
                 "device": str(DEVICE),
