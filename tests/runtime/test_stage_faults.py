@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from faults import raise_on
 
 from stream_engine.config import GenerationOptions
 from stream_engine.errors import InternalError
@@ -28,18 +29,7 @@ def run(rt, reqs):
 def test_one_bad_request_fails_alone(tiny, monkeypatch, stage):
     rt = tiny.runtime
     alone = [tiny.generate(t, **vars(opts(i)))[0] for i, t in enumerate(TEXTS) if i != 1]
-    target = rt.stages[stage]
-    real_step = target.step
-    calls = {"raised": 0}
-
-    def step():
-        held = [r.req for _, r in target.slots.items()]
-        if any("BOOM" in r.text for r in held):
-            calls["raised"] += 1
-            raise RuntimeError("simulated kernel failure")
-        return real_step()
-
-    monkeypatch.setattr(target, "step", step)
+    calls = raise_on(monkeypatch, rt.stages[stage])
     reqs = [tiny.request(t, None, opts(i)) for i, t in enumerate(TEXTS)]
     final = run(rt, reqs)
     bad = reqs[1]
@@ -77,15 +67,7 @@ def test_out_of_memory_is_retried_smaller(tiny, monkeypatch):
 
 def test_failure_fails_the_rest_of_the_stream(tiny, monkeypatch):
     rt = tiny.runtime
-    target = rt.stages["semantic"]
-    real_step = target.step
-
-    def step():
-        if any("BOOM" in r.req.text for _, r in target.slots.items()):
-            raise RuntimeError("simulated")
-        return real_step()
-
-    monkeypatch.setattr(target, "step", step)
+    raise_on(monkeypatch, rt.stages["semantic"])
     first = tiny.request("BOOM goes the first.", None, opts(0))
     second = tiny.request("Then the second.", None, opts(1), after=first)
     other = tiny.request("Someone else entirely.", None, opts(2))

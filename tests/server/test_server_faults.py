@@ -5,6 +5,7 @@ import json
 import time
 
 import pytest
+from faults import raise_on
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
@@ -93,14 +94,7 @@ async def test_a_thousand_cancels_in_flight(tiny):
 
 async def test_stage_failure_reaches_only_its_stream(server, monkeypatch):
     stage = server.engine.runtime.stages["coarse"]
-    real_step = stage.step
-
-    def step():
-        if any("BOOM" in r.req.text for _, r in stage.slots.items()):
-            raise RuntimeError("simulated kernel failure with a secret /path/in/trace")
-        return real_step()
-
-    monkeypatch.setattr(stage, "step", step)
+    raise_on(monkeypatch, stage, message="simulated kernel failure with a secret /path/in/trace")
     async with await Client.connect(url(server)) as c:
         await c.speak("bad", "This one says BOOM now.", final=True)
         await c.speak("good", "This one is fine.", final=True)
