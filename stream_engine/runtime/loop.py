@@ -118,14 +118,16 @@ class Runtime:
         That is a stream's first unfinished segment: it continues no segment, or the segment
         it continues has finished. Call with ``changed`` held.
         """
-        names = tuple(names)
-        for req in self.requests.values():
-            if req.after is not None and not req.after.status.final:
-                continue
-            k = req.status - 1  # the stage it entered last
-            if 0 <= k < len(STAGES) and req.completed == k and STAGES[k] in names:
-                return True  # inside one of the stages
-            if any(req in self.queues[n] and self._ready(req, n) for n in names):
+
+        def awaited(req: Request) -> bool:
+            return req.after is None or req.after.status.final
+
+        for n in names:
+            k = STAGES.index(n)
+            inside = (r for r in self.requests.values() if r.status == k + 1 and r.completed == k)
+            if any(awaited(r) for r in inside):
+                return True
+            if any(awaited(r) and self._ready(r, n) for r in self.queues[n]):
                 return True
         return False
 

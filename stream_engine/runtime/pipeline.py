@@ -23,7 +23,8 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from typing import cast
 
 import torch
 
@@ -119,9 +120,10 @@ class Pipeline:
             if self.cores is None:
                 return True
             if self._turn_of is None:
-                wants = {"+".join(g): rt.urgent(g) for g in self.groups if rt.has_work(g)}
-                picked = self.cores.pick(wants, time.perf_counter())
-                self._turn_of = next(g for g in self.groups if "+".join(g) == picked)
+                wants: dict[Hashable, bool] = {
+                    g: rt.urgent(g) for g in self.groups if rt.has_work(g)
+                }
+                self._turn_of = cast(tuple[str, ...], self.cores.pick(wants, time.perf_counter()))
                 rt.changed.notify_all()
             if self._turn_of == group:
                 return rt.urgent(group)
@@ -143,7 +145,7 @@ class Pipeline:
                     final = rt.fail_held(group)
                 with rt.changed:
                     if self.cores is not None:
-                        self.cores.ran("+".join(group), urgent, started, time.perf_counter())
+                        self.cores.ran(group, urgent, started, time.perf_counter())
                         self._turn_of = None
                     rt.changed.notify_all()
                 for name in group:

@@ -26,6 +26,7 @@ Policy:
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 STAGES = ("semantic", "coarse", "fine", "codec")  # the order work flows through
@@ -116,11 +117,11 @@ class SharedCores:
         if not 0.0 < share <= 1.0:
             raise ValueError(f"share must be in (0, 1], got {share!r}")
         self.share = share
-        self.used: dict[str, float] = {}  # worker -> seconds it has run (see pick)
-        self.allowed_from: dict[str, float] = {}  # worker -> its next background claim
-        self._wanting: set[str] = set()
+        self.used: dict[Hashable, float] = {}  # worker -> seconds it has run (see pick)
+        self.allowed_from: dict[Hashable, float] = {}  # worker -> its next background claim
+        self._wanting: set[Hashable] = set()
 
-    def pick(self, wants: dict[str, bool], now: float) -> str | None:
+    def pick(self, wants: dict[Hashable, bool], now: float) -> Hashable | None:
         """Which worker steps next, among ``wants`` (worker -> its work is urgent): those that
         have work, while none is stepping. None only when ``wants`` is empty."""
         if not wants:
@@ -140,7 +141,7 @@ class SharedCores:
         ]
         return min(claims, key=lambda w: (self.used[w], not wants[w]))  # ties: urgent first
 
-    def ran(self, worker: str, urgent: bool, started: float, ended: float) -> None:
+    def ran(self, worker: Hashable, urgent: bool, started: float, ended: float) -> None:
         """Account for a step of ``worker`` over ``[started, ended)``."""
         self.used[worker] = self.used.get(worker, 0.0) + (ended - started)
         if not urgent:
