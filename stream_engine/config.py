@@ -94,9 +94,10 @@ class EngineConfig:
     codec_batch: int = 4  # requests decoded by EnCodec per step
     attn: str = "sdpa"  # "sdpa", "eager" or "flash_attention_2" (CUDA + flash-attn only)
     cuda_graphs: bool = True  # on CUDA: capture decode steps per batch-size bucket
-    # on CPU in float32: decode steps use oneDNN with a packed copy of the semantic and
-    # coarse weights (about twice the memory bandwidth of the default GEMM at batch 1-8)
-    cpu_packed_decode: bool = True
+    # on CPU in float32, the kernel of decode steps' linears (stream_engine.bark.cpu_kernels):
+    # "avx2" (built on first use; near the memory bandwidth), "onednn" (a packed copy of the
+    # weights), "mkl" (plain F.linear) or "auto" (avx2 if it builds here, else onednn)
+    cpu_decode_kernel: str = "auto"
     max_queue: int = 256  # requests waiting for a stage before submit() raises Busy
 
     def __post_init__(self) -> None:
@@ -104,6 +105,10 @@ class EngineConfig:
             _integer(name, getattr(self, name), 1, 4096)
         if self.attn not in ("sdpa", "eager", "flash_attention_2"):
             raise InvalidOption(f"attn must be sdpa, eager or flash_attention_2, got {self.attn!r}")
+        if self.cpu_decode_kernel not in ("auto", "avx2", "onednn", "mkl"):
+            raise InvalidOption(
+                f"cpu_decode_kernel must be auto, avx2, onednn or mkl, got {self.cpu_decode_kernel!r}"
+            )
 
 
 @dataclass(frozen=True)

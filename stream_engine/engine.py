@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .bark import cpu_kernels
 from .bark.loading import LoadedBark, load_bark, save_bark
 from .bark.model import CausalGPT, FineGPT, from_hf
 from .bark.prompts import BarkConstants, VoicePrompt
@@ -77,9 +78,12 @@ class Engine:
         assert isinstance(fine, FineGPT)
         for m in (semantic, coarse, fine):
             m.set_attn(config.attn)
-        if config.cpu_packed_decode:
-            semantic.pack_for_decode(config.semantic_slots)
-            coarse.pack_for_decode(config.coarse_slots)
+        # decode steps' linears: the AVX2 kernel, packed oneDNN or MKL on a CPU in float32
+        self.decode_kernel, kernels = cpu_kernels.resolve(
+            config.cpu_decode_kernel, semantic.lm_head.weight
+        )
+        semantic.use_decode_kernel(self.decode_kernel, kernels, config.semantic_slots)
+        coarse.use_decode_kernel(self.decode_kernel, kernels, config.coarse_slots)
         self.semantic_model, self.coarse_model, self.fine_model = semantic, coarse, fine
         self.voices = {name: VoicePrompt.from_preset(p) for name, p in loaded.voices.items()}
         self._ids = itertools.count(1)

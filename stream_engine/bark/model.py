@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -46,9 +47,9 @@ class GPTConfig:
         return self.n_embd // self.n_head
 
 
-# Rows up to which a packed weight serves a linear (decode steps); longer inputs (prefill)
-# go to the default GEMM, which is faster there.
-PACKED_MAX_ROWS = 64
+# Rows up to which a decode kernel (AVX2 or packed oneDNN) serves a linear (decode steps);
+# longer inputs (prefill, the fine model) go to the default GEMM, which is faster there.
+DECODE_MAX_ROWS = 64
 
 
 def can_pack(weight: Tensor) -> bool:
@@ -61,28 +62,59 @@ def can_pack(weight: Tensor) -> bool:
     )
 
 
+class DecodeKernels(Protocol):
+    """Faster decode-step kernels (the CPU ones of :mod:`stream_engine.bark.cpu_kernels`)."""
+
+    def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> Tensor:
+        """``F.linear(x, weight, bias)``, then GELU (erf) if ``gelu``."""
+        ...
+
+    def attention(self, qkv: Tensor, cache_k: Tensor, cache_v: Tensor, pos: Tensor) -> Tensor:
+        """Write row b's key and value into the caches at ``pos[b]``, then attend over keys
+        ``[0, pos[b]]``: ``qkv`` (B, 3C) -> (B, C)."""
+        ...
+
+
 class Linear(nn.Linear):
-    """``nn.Linear`` that can also hold its weight packed for oneDNN's small-batch kernels.
+    """``nn.Linear`` with an optional faster kernel for the few-row products of decode steps.
 
     On a CPU, MKL runs a decode step's skinny products (a handful of rows against a large
-    weight) on one core at a fraction of the memory bandwidth; oneDNN, given a weight
-    reordered for the batch once, reads it about twice as fast at batch 4-8 (see
-    benchmarks/README.md). The packed copy is extra memory, and the plain weight stays the
-    one in the ``state_dict``. Results agree with ``F.linear`` to float rounding.
+    weight) at a fraction of the memory bandwidth. Two replacements, used for inputs of at most
+    :data:`DECODE_MAX_ROWS` rows (see :mod:`stream_engine.bark.cpu_kernels`):
+
+    * ``kernels``: :class:`DecodeKernels` (the AVX2 kernel) on the plain weight;
+    * ``packed``: a copy of the weight reordered once for oneDNN (extra memory).
+
+    The plain weight stays the one in the ``state_dict``. Results agree with ``F.linear`` to
+    float rounding.
     """
 
     packed: Tensor | None = None
+    kernels: DecodeKernels | None = None
 
     def pack(self, batch_hint: int) -> None:
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), batch_hint)
 
     def unpack(self) -> None:
         self.packed = None
+        self.kernels = None
+
+    def _small(self, x: Tensor) -> bool:
+        return x.numel() <= DECODE_MAX_ROWS * x.size(-1)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.packed is not None and x.numel() <= PACKED_MAX_ROWS * x.size(-1):
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if self._small(x):
+            if self.kernels is not None:
+                return self.kernels.linear(x, self.weight, self.bias, False)
+            if self.packed is not None:
+                return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return super().forward(x)
+
+    def forward_gelu(self, x: Tensor) -> Tensor:
+        """``gelu(self(x))``, in one pass where the kernel can."""
+        if self.kernels is not None and self._small(x):
+            return self.kernels.linear(x, self.weight, self.bias, True)
+        return F.gelu(self(x))
 
 
 class KVCache(nn.Module):
@@ -109,6 +141,7 @@ class CausalSelfAttention(nn.Module):
         self.out_proj = Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.cache: KVCache | None = None
         self.impl = "sdpa"
+        self.kernels: DecodeKernels | None = None  # decode steps' attention (with sdpa)
 
     def _heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         B, T, C = x.shape
@@ -170,6 +203,11 @@ class CausalSelfAttention(nn.Module):
         """
         assert self.cache is not None
         B = x.size(0)
+        if self.kernels is not None and self.impl == "sdpa":
+            # the same attention (keys up to each slot's pos), without the mask's zeros
+            qkv = self.att_proj(x).view(B, -1)  # (B, 3C)
+            y = self.kernels.attention(qkv, self.cache.k, self.cache.v, pos)  # (B, C)
+            return self.out_proj(y.view(B, 1, -1))
         q, k, v = self._heads(x)
         slot = torch.arange(B, device=x.device)
         self.cache.k[slot, :, pos] = k[:, :, 0]  # (B, nh, hs) at (slot, :, pos)
@@ -184,10 +222,9 @@ class MLP(nn.Module):
         super().__init__()
         self.in_proj = Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
         self.out_proj = Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.gelu = nn.GELU()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.out_proj(self.gelu(self.in_proj(x)))
+        return self.out_proj(self.in_proj.forward_gelu(x))
 
 
 class Block(nn.Module):
@@ -233,17 +270,26 @@ class CausalGPT(nn.Module):
         for block in self.layers:
             block.attn.impl = impl
 
-    def pack_for_decode(self, batch_hint: int) -> bool:
-        """Pack every linear's weight for oneDNN decode steps, where that helps (CPU, fp32).
+    def use_decode_kernel(
+        self, kernel: str, kernels: DecodeKernels | None = None, batch_hint: int = 8
+    ) -> None:
+        """Serve decode steps with ``kernel`` (see :mod:`~stream_engine.bark.cpu_kernels`).
 
-        Returns whether it packed. Call again after changing the weights (packing copies).
+        ``"avx2"`` uses ``kernels`` for the linears and (with sdpa) the attention; ``"onednn"``
+        packs a copy of every weight for ``batch_hint`` rows (call again after changing the
+        weights); anything else is the plain ``F.linear`` and sdpa.
         """
-        if not can_pack(self.lm_head.weight):
-            return False
+        if kernel == "avx2" and kernels is None:
+            raise ValueError("the avx2 decode kernel needs its kernels")
         for module in self.modules():
             if isinstance(module, Linear):
-                module.pack(batch_hint)
-        return True
+                module.unpack()
+                if kernel == "avx2":
+                    module.kernels = kernels
+                elif kernel == "onednn":
+                    module.pack(batch_hint)
+            elif isinstance(module, CausalSelfAttention):
+                module.kernels = kernels if kernel == "avx2" else None
 
     def embed(self, ids: Tensor) -> Tensor:
         return self.input_embeds_layer(ids)
