@@ -79,6 +79,7 @@ def main() -> None:
     engine = Engine.load(args.model, device=args.device)
     dtype = next(engine.semantic_model.parameters()).dtype
     info = machine_info(engine.device, dtype)
+    info["decode_kernel"] = engine.decode_kernel
     print(f"model {args.model}; " + ", ".join(f"{k} {v}" for k, v in info.items()), flush=True)
     texts = list(SENTENCES[: args.batch])
     run(engine, [texts[0]])  # warm-up (allocations, kernel selection), not counted

@@ -290,6 +290,7 @@ def main() -> int:
         raise SystemExit(f"unknown voice {args.voice!r}; available: {sorted(engine.voices)}")
     dtype = next(engine.loaded.model.parameters()).dtype
     machine = machine_info(engine.device, dtype)
+    machine["decode_kernel"] = engine.decode_kernel
     reference = ReferenceMode()
     print(
         f"model {args.model}, {args.semantic_tokens} semantic tokens per stream, voice {args.voice}"

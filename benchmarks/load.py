@@ -328,6 +328,7 @@ def main() -> int:
         ap.error(f"unknown voice {voice!r}; available: {sorted(engine.voices)}")
     dtype = next(engine.loaded.model.parameters()).dtype
     machine = machine_info(engine.device, dtype)
+    machine["decode_kernel"] = engine.decode_kernel
     print(
         f"model {args.model}, clients {args.clients}, {args.sentences} sentence(s) per "
         f"paragraph, voice {voice}, piece delay {args.piece_delay} s, rounds {args.rounds}"

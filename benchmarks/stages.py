@@ -126,6 +126,7 @@ def main() -> None:
     hf = engine.loaded.model
     dtype = str(next(hf.parameters()).dtype).removeprefix("torch.")
     machine = f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}"
+    machine += f", decode kernel {engine.decode_kernel}"
     cmd = "benchmarks/stages.py " + " ".join(sys.argv[1:])
     if DEVICE.type == "cuda":
         machine += f", {torch.cuda.get_device_name(DEVICE)}"

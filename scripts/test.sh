@@ -10,6 +10,11 @@ if ! command -v chromium >/dev/null; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null \
         || echo "warning: chromium could not be installed; the browser tests will skip" >&2
 fi
+# a C++ compiler and ninja build the CPU decode kernels (stream_engine/bark/cpu_kernels.py)
+if ! command -v g++ >/dev/null || ! command -v ninja >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ ninja-build) >/dev/null \
+        || echo "warning: g++/ninja could not be installed; decode steps fall back to oneDNN" >&2
+fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 # torch first, pinned: on this machine kind 2.13.0 is the CPU wheel on local disk
 .venv/bin/pip install -q "torch==2.13.0"
