@@ -18,7 +18,9 @@ baseline (``benchmarks/naive_server.py``: one ``BarkModel.generate`` call per se
 call at a time, with the same sampling settings and, on ``random:*`` models, the same
 semantic-token cap per text as our engine). Every client of a round gets a different paragraph
 (sentences cycle through ``end_to_end.SENTENCES``, or short ones with ``--short``), and
-each round (``--rounds``) other paragraphs; both servers get the same ones.
+each round (``--rounds``) other paragraphs; both servers get the same ones. With
+``--early-audio`` a third side, ``early``, runs the same rounds on our server with clients that
+open their streams with ``early_audio`` (audio of a segment before it is generated whole).
 
 Goals (printed as PASS/FAIL, computed from this run):
 
@@ -107,7 +109,13 @@ class StreamResult:
 
 
 async def run_client(
-    client: Client, number: int, text: str, voice: str | None, piece_delay: float, go: asyncio.Event
+    client: Client,
+    number: int,
+    text: str,
+    voice: str | None,
+    piece_delay: float,
+    go: asyncio.Event,
+    early_audio: bool = False,
 ) -> StreamResult:
     await go.wait()
     sid = f"c{number}"
@@ -144,7 +152,13 @@ async def run_client(
         last = i == len(pieces) - 1
         if i == 0:
             await client.speak(
-                sid, piece, last, voice=voice, format="pcm_s16le", sample_rate=24_000
+                sid,
+                piece,
+                last,
+                voice=voice,
+                format="pcm_s16le",
+                sample_rate=24_000,
+                early_audio=early_audio or None,
             )
         else:
             await client.speak(sid, piece, last)
@@ -155,14 +169,14 @@ async def run_client(
 
 
 async def run_round(
-    url: str, texts: list[str], voice: str | None, piece_delay: float
+    url: str, texts: list[str], voice: str | None, piece_delay: float, early_audio: bool = False
 ) -> tuple[list[StreamResult], float]:
     """All clients connect, then start together; returns their results and the round's wall."""
     clients = await asyncio.gather(*(Client.connect(url) for _ in texts))
     go = asyncio.Event()
     try:
         tasks = [
-            asyncio.create_task(run_client(c, i, t, voice, piece_delay, go))
+            asyncio.create_task(run_client(c, i, t, voice, piece_delay, go, early_audio))
             for i, (c, t) in enumerate(zip(clients, texts, strict=True))
         ]
         go.set()
@@ -262,6 +276,8 @@ async def bench(args: argparse.Namespace, engine: Engine) -> dict[int, dict[str,
     )
     await ours.start()
     servers: dict[str, Any] = {"ours": ours}
+    if args.early_audio:
+        servers["early"] = ours  # the same server; its clients ask for early_audio
     if args.naive:
         naive = NaiveServer(engine)
         await naive.start()
@@ -284,7 +300,10 @@ async def bench(args: argparse.Namespace, engine: Engine) -> dict[int, dict[str,
                         continue
                     url = f"ws://127.0.0.1:{srv.port}"
                     t0 = time.perf_counter()
-                    rounds[name].append(await run_round(url, texts, args.voice, args.piece_delay))
+                    early = name == "early"
+                    rounds[name].append(
+                        await run_round(url, texts, args.voice, args.piece_delay, early)
+                    )
                     print(f"N={n} {name}: round took {time.perf_counter() - t0:.1f} s", flush=True)
             by_n[n] = {name: summarize(r) for name, r in rounds.items() if r}
             print_table(n, args.sentences, by_n[n])
@@ -313,6 +332,11 @@ def main() -> int:
         type=int,
         default=1_000_000,
         help="skip the naive server above this N (it serves one sentence at a time)",
+    )
+    ap.add_argument(
+        "--early-audio",
+        action="store_true",
+        help="also a side 'early': our server with clients that ask for early_audio",
     )
     ap.add_argument("--check-goals", action="store_true", help="exit 1 when a goal fails")
     ap.add_argument("--out", default=None)

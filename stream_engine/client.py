@@ -544,11 +544,13 @@ class Connection:
         options: dict[str, Any] | None = None,
         decode: bool = False,
         id: StreamId | None = None,
+        early_audio: bool = False,
     ) -> Stream:
         """A new stream. With ``text`` or ``final`` it opens at once; else with its first
         :meth:`Stream.send`. ``None`` leaves a field to the server's default (``hello``).
         ``decode``: decode Opus packets to float32 in ``Chunk.audio`` (needs ``opuslib``).
-        ``id``: the stream's protocol id (default: a fresh one)."""
+        ``id``: the stream's protocol id (default: a fresh one). ``early_audio``: audio of a
+        segment may start before the segment is generated whole (docs/protocol.md)."""
         if self.closed is not None:
             raise self.closed
         if id is None:
@@ -563,6 +565,7 @@ class Connection:
             ("format", format),
             ("sample_rate", sample_rate),
             ("options", options),
+            ("early_audio", early_audio or None),
         ):
             if value is not None:
                 fields[key] = value
@@ -844,6 +847,7 @@ class Client:
         format: str | None = None,
         sample_rate: int | None = None,
         options: dict[str, Any] | None = None,
+        early_audio: bool | None = None,
     ) -> None:
         """Open stream ``id`` (first call) or append text to it."""
         msg: dict[str, Any] = {"type": "speak", "id": id, "text": text, "final": final}
@@ -852,6 +856,7 @@ class Client:
             ("format", format),
             ("sample_rate", sample_rate),
             ("options", options),
+            ("early_audio", early_audio),
         ):
             if value is not None:
                 msg[key] = value

@@ -125,6 +125,9 @@ class ServerConfig:
     allowed_origins: tuple[str, ...] | None = None  # browser Origins allowed; None: any
     shutdown_timeout_s: float = 10.0  # on SIGTERM: time streams get to finish
     continuity: bool = True  # condition each segment on the previous one's tokens
+    # early audio (streams that ask for it): a preview at the first coarse window's end, then
+    # one per this many new coarse frames (75 = 1 s of audio); each costs a fine and a codec pass
+    early_audio_frames: int = 75
 
     def __post_init__(self) -> None:
         _integer("port", self.port, 0, 65535)
@@ -133,5 +136,6 @@ class ServerConfig:
         _integer("max_message_bytes", self.max_message_bytes, 1024, 64 * 1024 * 1024)
         _integer("max_unsent_bytes", self.max_unsent_bytes, 64 * 1024, 1024 * 1024 * 1024)
         _number("shutdown_timeout_s", self.shutdown_timeout_s, 0.0, 3600.0)
+        _integer("early_audio_frames", self.early_audio_frames, 1, 100_000)
         if self.token is not None and (not isinstance(self.token, str) or not self.token):
             raise InvalidOption("token must be a non-empty string")

@@ -117,7 +117,19 @@ class Engine:
         offload: bool = False,
         config: EngineConfig | None = None,
     ) -> Engine:
-        """Load ``model``: a hub id, a local directory in HF layout, or ``random:tiny|small|large``."""
+        """Load ``model``: a hub id, a local directory in HF layout, or ``random:tiny|small|large``.
+
+        ``offload=True`` is refused: accelerate's offload hooks serve transformers' own forward
+        passes, and the runtime's stages read the weights directly, so they would run where the
+        weights rest (the CPU), silently. ``load_bark(..., offload=True)`` still offloads the
+        transformers model alone.
+        """
+        if offload:
+            raise InvalidOption(
+                "offload=True is not supported by the engine's runtime: its stages read the "
+                "weights directly and would run on the CPU; load with dtype='float16' or a "
+                "smaller model instead"
+            )
         dev = torch.device(device) if device is not None else _default_device()
         config = config or EngineConfig()
         if attn is not None:

@@ -72,7 +72,7 @@ ERROR_CODES: Final = (
     "internal",
 )
 OPTION_KEYS: Final = ("text_temp", "waveform_temp", "top_k", "top_p", "min_eos_p", "seed")
-OPEN_KEYS: Final = ("voice", "format", "sample_rate", "options")
+OPEN_KEYS: Final = ("voice", "format", "sample_rate", "options", "early_audio")
 MESSAGE_KEYS: Final = {
     "speak": frozenset({"type", "id", "text", "final", *OPEN_KEYS}),
     "flush": frozenset({"type", "id"}),
@@ -144,6 +144,7 @@ class StreamSpec:
     format: str  # one of audio.formats.FORMATS
     sample_rate: int  # allowed for format
     options: GenerationOptions
+    early_audio: bool = False  # send a segment's audio in pieces before it is all generated
 
 
 @dataclass(frozen=True)
@@ -446,7 +447,8 @@ class Session:
             return self._open(sid, msg, text, final, now)
         if any(k in msg for k in OPEN_KEYS):
             raise InvalidRequest(
-                "voice, format, sample_rate and options are only allowed on a stream's first speak"
+                "voice, format, sample_rate, options and early_audio are only allowed on a "
+                "stream's first speak"
             )
         if stream.final:
             raise InvalidRequest("speak after final: the stream takes no more text")
@@ -483,13 +485,18 @@ class Session:
             )
         fmt, rate = check_format(fmt, rate)
         options = self._options(msg.get("options"))
+        early = msg.get("early_audio", False)
+        if early is None:
+            early = False
+        if not isinstance(early, bool):
+            raise InvalidRequest("early_audio must be true, false or null")
         if len(self._by_id) >= self.limits.max_streams:
             raise LimitExceeded(f"at most {self.limits.max_streams} streams may be open at once")
         if self._last_number >= UINT32_MAX:
             raise LimitExceeded("no stream numbers left on this connection; reconnect")
         text = self._check_text(text, 0, now)
         self._last_number += 1
-        spec = StreamSpec(sid, self._last_number, voice, fmt, rate, options)
+        spec = StreamSpec(sid, self._last_number, voice, fmt, rate, options, early)
         stream = _Stream(spec, final=final, chars=len(text))
         self._by_id[sid] = stream
         self._by_number[spec.stream] = stream
@@ -501,6 +508,7 @@ class Session:
                 "voice": voice,
                 "format": fmt,
                 "sample_rate": rate,
+                "early_audio": early,
             }
         )
         return [OpenStream(spec, text, final)]

@@ -51,3 +51,10 @@ def test_unknown_random_model():
 
     with pytest.raises(ModelNotFound, match="random:tiny"):
         Engine.load("random:huge", device="cpu")
+
+
+def test_offload_is_refused_rather_than_silently_running_on_the_cpu():
+    from stream_engine import Engine
+
+    with pytest.raises(InvalidOption, match="offload"):
+        Engine.load("random:tiny", device="cpu", offload=True)

@@ -167,6 +167,7 @@ def test_open_stream_defaults():
         "voice": None,
         "format": "pcm_s16le",
         "sample_rate": 24000,
+        "early_audio": False,
     }
     assert session.open_streams == (event.spec,)
     assert session.is_open(1)

@@ -68,6 +68,7 @@ def started(id="a", number=1):
         "voice": None,
         "format": "pcm_s16le",
         "sample_rate": 24_000,
+        "early_audio": False,
     }
 
 

@@ -176,6 +176,9 @@ class Runtime:
                     final += self._stage_failed(name, out)
                     continue
                 for req in out:
+                    if req.preview_of is not None and req.id not in self.requests:
+                        self._enter_preview(req)  # made by this stage just now
+                        continue
                     if self.requests.get(req.id) is not req:
                         continue  # cancelled while the stage ran
                     req.completed = STAGES.index(name) + 1
@@ -253,12 +256,23 @@ class Runtime:
         if stage == "fine":
             req.after = None  # the codec needs nothing from it: let its audio be freed
 
+    def _enter_preview(self, preview: Request) -> None:
+        """Queue a preview for the stage after the one that made it, if its segment lives."""
+        parent = preview.preview_of
+        if parent is None or self.requests.get(parent.id) is not parent:
+            return  # the segment was cancelled or failed while the stage ran
+        self.requests[preview.id] = preview
+        self.queues[STAGES[preview.completed]].append(preview)
+
     def _drop(self, req: Request, status: Status, error: BaseException) -> list[Request]:
-        """Make ``req`` and every request continuing it final; return them."""
+        """Make ``req``, every request continuing it and its previews final; return them."""
         dropped = [req]
         for other in self.requests.values():
-            if other.after is not None and other.after in dropped:
-                dropped.append(other)  # requests are in id order: chains resolve in one pass
+            # requests are in the order they entered: chains resolve in one pass
+            if (other.after is not None and other.after in dropped) or (
+                other.preview_of is not None and other.preview_of in dropped
+            ):
+                dropped.append(other)
         for r in dropped:
             self.requests.pop(r.id, None)
             for name in STAGES:

@@ -11,6 +11,10 @@ import numpy as np
 from ..bark.prompts import VoicePrompt
 from ..config import GenerationOptions
 
+# stages a preview has passed when it is made (semantic and coarse, see Request.preview)
+STAGE_COUNT_BEFORE_FINE = 2
+MAX_PREVIEWS = 255  # per request: a preview's id is -(id * 256 + k), k in [1, 255]
+
 
 class Status(IntEnum):
     """Where a request is. It only moves forward; the last three are final."""
@@ -58,6 +62,12 @@ class Request:
     # conditioned on (stage by stage); dropped once the last stage that needs it has started
     after: Request | None = None
     preset: VoicePrompt | None = None  # the stream's voice preset (``voice`` before continuing)
+    # streaming within the segment: a preview (a request of its own, through fine and codec)
+    # whenever the coarse stage has this many new frames at a window's end; 0 is off
+    preview_frames: int = 0
+    preview_of: Request | None = None  # on a preview: the segment it previews
+    previews: int = 0  # previews made of this request so far
+    previewed_frames: int = 0  # coarse frames the last of them covers
     completed: int = 0  # stages this request has left, in STAGES order
     solo: bool = False  # retried alone in its current stage after its batch failed
     retries: int = 0
@@ -71,6 +81,33 @@ class Request:
     # stage -> (start, end) in time.perf_counter() seconds, for traces and metrics
     trace: dict[str, list[float]] = field(default_factory=dict)
     submitted_at: float = field(default_factory=time.perf_counter)
+
+    def preview(self, coarse: np.ndarray) -> Request:
+        """A preview of this segment from its first coarse frames ``coarse`` (2, T).
+
+        It goes through the fine and codec stages like any request; its audio is what Bark
+        would say if the segment ended after those frames (see docs/protocol.md,
+        ``early_audio``). Its id is negative, so the scheduler admits it before any segment.
+        """
+        if self.previews >= MAX_PREVIEWS:
+            raise ValueError(f"request {self.id} has had {MAX_PREVIEWS} previews already")
+        self.previews += 1
+        self.previewed_frames = coarse.shape[1]
+        return Request(
+            id=-(self.id * 256 + self.previews),
+            text=self.text,
+            text_ids=self.text_ids,
+            options=self.options,
+            voice=self.voice,
+            max_semantic_tokens=self.max_semantic_tokens,
+            after=self.after,
+            preset=self.preset,
+            preview_of=self,
+            completed=STAGE_COUNT_BEFORE_FINE,
+            status=Status.COARSE,
+            semantic=list(self.semantic),
+            coarse=coarse,
+        )
 
     def restart(self, stage: Status) -> None:
         """Forget what ``stage`` produced so far, to run the stage again from its start."""

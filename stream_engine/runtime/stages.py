@@ -30,7 +30,7 @@ from ..bark.model import CausalGPT, FineGPT
 from ..bark.prompts import BarkConstants
 from ..bark.sampling import RowParams, apply_min_eos_p, choose, choose_fine
 from .cuda import make_decoder, to_device
-from .request import Request, Status
+from .request import MAX_PREVIEWS, Request, Status
 
 NEVER = float("inf")  # a min_eos_p that never fires
 
@@ -402,24 +402,40 @@ class CoarseStage(Stage):
                     r.coarse.append(flat[k])
                 k += 1
         self._pending.clear()
+        previews = []
         for _, r in self.slots.items():
             if r.window_left == 0 and not r.done:
                 if len(r.coarse) - r.hist_len >= r.total:
                     r.done = True
                 else:
                     r.prefill = True  # next window
-        return self._finished()
+                    previews += self._preview(r)
+        return self._finished() + previews
+
+    def _preview(self, r: _Row) -> list[Request]:
+        """A preview of ``r``'s segment, if it asked for previews and one is due."""
+        req = r.req
+        frames = (len(r.coarse) - r.hist_len) // self.c.n_coarse_codebooks
+        # the first at the first window's end (the listener is waiting), then every N frames
+        due = req.preview_frames > 0 and (
+            req.previews == 0 or frames - req.previewed_frames >= req.preview_frames
+        )
+        if not due or req.previews >= MAX_PREVIEWS:
+            return []
+        return [req.preview(self._codes(r))]
+
+    def _codes(self, r: _Row) -> np.ndarray:
+        """The row's generated coarse tokens as EnCodec codes (2, T)."""
+        gen = np.asarray(r.coarse[r.hist_len :], dtype=np.int64)
+        frames = gen.reshape(-1, self.c.n_coarse_codebooks).T  # (2, T)
+        return np.remainder(frames - self.c.semantic_vocab_size, self.c.codebook_size)
 
     def _finished(self) -> list[Request]:
         out = []
         for i, r in self.slots.items():
             if r.done:  # rows become done at a sync (pending read) or at admission
                 self.slots.release(i)
-                gen = np.asarray(r.coarse[r.hist_len :], dtype=np.int64)
-                frames = gen.reshape(-1, self.c.n_coarse_codebooks).T  # (2, T)
-                r.req.coarse = np.remainder(
-                    frames - self.c.semantic_vocab_size, self.c.codebook_size
-                )
+                r.req.coarse = self._codes(r)
                 out.append(r.req)
         return out
 

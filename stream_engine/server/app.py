@@ -109,7 +109,19 @@ class Metrics:
         self.slow_clients = Counter(
             "stream_engine_slow_clients_total", "Clients disconnected for not reading audio."
         )
-        for m in (self.ttfa, self.rtf, self.errors, self.streams, self.audio, self.slow_clients):
+        self.previews = Counter(
+            "stream_engine_previews_total",
+            "Segment previews (early audio) decoded and handed to their stream.",
+        )
+        for m in (
+            self.ttfa,
+            self.rtf,
+            self.errors,
+            self.streams,
+            self.audio,
+            self.slow_clients,
+            self.previews,
+        ):
             r.add(m)
 
 
@@ -197,7 +209,12 @@ class Server:
             loop.call_soon_threadsafe(self._deliver, req)
 
     def _deliver(self, req: Request) -> None:
-        owner = self.owners.pop(req.id, None)
+        if req.preview_of is not None:  # early audio: its segment's stream, which goes on
+            owner = self.owners.get(req.preview_of.id)
+            if owner is not None:
+                self.metrics.previews.inc()
+        else:
+            owner = self.owners.pop(req.id, None)
         if owner is not None:
             conn, job = owner
             conn.deliver(job, req)

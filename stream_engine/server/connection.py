@@ -107,6 +107,7 @@ class Connection:
             submit=self._submit,
             cancel=self.server.cancel,
             continuity=self.server.config.continuity,
+            preview_frames=self.server.config.early_audio_frames,
             on_done=self.server.job_done,
         )
         self.jobs[event.spec.stream] = job

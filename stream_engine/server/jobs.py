@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..audio.encoders import Encoder
+from ..audio.splice import Splicer
 from ..config import GenerationOptions
 from ..engine import Engine
 from ..errors import InternalError
@@ -39,11 +40,15 @@ class Job:
     submit: Callable[[Job, Request], None]  # hands a request to the engine's pipeline
     cancel: Callable[[int], bool]  # takes one out
     continuity: bool = True
+    preview_frames: int = 0  # early audio: frames between previews (0: the stream's choice off)
     on_done: Callable[[JobStats], None] | None = None
     segmenter: Segmenter = field(init=False)
     encoder: Encoder = field(init=False)
     requests: dict[int, Request] = field(default_factory=dict)  # index -> not yet sent
     texts: dict[int, str] = field(default_factory=dict)
+    # early audio: the newest preview of a segment not yet next in line; segments partly sent
+    previews: dict[int, Request] = field(default_factory=dict)
+    partial: dict[int, Splicer] = field(default_factory=dict)
     created: int = 0  # segments made so far
     sent: int = 0  # segments whose audio went out
     final: bool = False  # no more text comes
@@ -77,6 +82,8 @@ class Job:
         for req in self.requests.values():
             self.cancel(req.id)
         self.requests.clear()
+        self.previews.clear()
+        self.partial.clear()
         self.last = None
 
     def _start(self, segments: list[str]) -> list[Request]:
@@ -88,6 +95,9 @@ class Job:
             options = self._options(index)
             after = self.last if self.continuity else None
             req = self.engine.request(text, self.spec.voice, options, after=after)
+            if self.spec.early_audio and self.sent == self.created and self.preview_frames:
+                # every earlier segment has gone out: the listener will wait for this one
+                req.preview_frames = self.preview_frames
             self.submit(self, req)  # may raise Busy: the caller fails the stream
             self.created += 1
             self.requests[index], self.texts[index] = req, text
@@ -109,13 +119,31 @@ class Job:
         """A request of this job became final (on the event loop)."""
         if self.closed:
             return
+        if req.preview_of is not None:
+            if req.status is Status.FINISHED:  # a failed preview: the segment still comes
+                self._preview(req)
+            return
         if req.status is not Status.FINISHED:
             self.fail(req.error or InternalError("segment failed"))
             return
         while self.sent in self.requests and self.requests[self.sent].status is Status.FINISHED:
             self._send_segment(self.sent, self.requests.pop(self.sent))
+            self.previews.pop(self.sent, None)
             self.sent += 1
+        waiting = self.previews.pop(self.sent, None)
+        if waiting is not None:
+            self._send_preview(self.sent, waiting)
         self._maybe_done()
+
+    def _preview(self, preview: Request) -> None:
+        """Early audio of a segment: send it now if the segment is next in line, else keep it."""
+        index = next((i for i, r in self.requests.items() if r is preview.preview_of), None)
+        if index is None:
+            return  # the segment itself has gone out already
+        if index == self.sent:
+            self._send_preview(index, preview)
+        else:
+            self.previews[index] = preview  # a newer preview replaces an older one
 
     def fail(self, exc: BaseException) -> None:
         if self.closed:
@@ -124,18 +152,34 @@ class Job:
         self.session.fail(self.spec.stream, exc)
         self.stop()
 
+    def _send_preview(self, index: int, preview: Request) -> None:
+        assert preview.audio is not None
+        splicer = self.partial.get(index)
+        if splicer is None:
+            splicer = self.partial[index] = Splicer()
+            self.session.segment(self.spec.stream, index, self.texts[index])
+        self._send_audio(index, self.encoder.encode(splicer.piece(preview.audio)))
+
     def _send_segment(self, index: int, req: Request) -> None:
         stream = self.spec.stream
         assert req.audio is not None
-        self.session.segment(stream, index, self.texts.pop(index))
-        payloads = self.encoder.encode(req.audio) + self.encoder.end_segment()
-        if payloads and self.first_audio_at is None:
-            self.first_audio_at = time.perf_counter()
-        for p in payloads:
-            self.session.audio(stream, index, p)
+        text = self.texts.pop(index)
+        splicer = self.partial.pop(index, None)
+        if splicer is None:
+            self.session.segment(stream, index, text)
+            audio = req.audio
+        else:  # early audio went out: the rest, faded in from where it stopped
+            audio = splicer.last(req.audio)
+        self._send_audio(index, self.encoder.encode(audio) + self.encoder.end_segment())
         ms = self.encoder.last_segment.ms
         self.audio_ms += ms
         self.session.segment_end(stream, index, ms)
+
+    def _send_audio(self, index: int, payloads: list[bytes]) -> None:
+        if payloads and self.first_audio_at is None:
+            self.first_audio_at = time.perf_counter()
+        for p in payloads:
+            self.session.audio(self.spec.stream, index, p)
 
     def _maybe_done(self) -> None:
         if not (self.final and self.sent == self.created) or self.closed:

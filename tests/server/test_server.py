@@ -255,3 +255,44 @@ async def test_unspeakable_huge_and_control_text(server):
     assert ctl.types[-1] == "done" and ctl.messages[-1]["audio_ms"] > 0
     seg = next(m for m in ctl.messages if m["type"] == "segment")
     assert not any(ord(ch) < 32 for ch in seg["text"])
+
+
+async def test_early_audio_sends_previews_then_the_exact_rest(make_server):
+    """A stream with early_audio gets its first segment's audio in pieces: from previews, then
+    from the whole segment. The protocol is unchanged, the sample count is the segment's, and
+    the end of the segment is exactly what a stream without early audio gets."""
+    srv = await make_server(early_audio_frames=30)
+    text = "This first sentence runs on for quite a long while before it ends. Then another."
+    opts = {"seed": 11}
+    async with await Client.connect(url(srv)) as c:
+        await c.speak("early", text, final=True, options=opts, early_audio=True)
+        await c.speak("plain", text, final=True, options=opts)
+        got = await collect(c, ["early", "plain"])
+    early, plain = got["early"], got["plain"]
+    assert next(m for m in early.messages if m["type"] == "started")["early_audio"] is True
+    assert next(m for m in plain.messages if m["type"] == "started")["early_audio"] is False
+    assert early.types[-1] == plain.types[-1] == "done"
+    assert early.types == plain.types  # same segments, same messages
+    assert srv.metrics.previews.values[()] >= 2  # a 2-3 s first segment: several previews
+
+    def pcm(s, index):
+        return np.concatenate(
+            [np.frombuffer(a.payload, "<i2") for a in s.audio if a.segment == index]
+        )
+
+    first_early, first_plain = pcm(early, 0), pcm(plain, 0)
+    assert first_early.size == first_plain.size  # every sample of the segment, once
+    # after the last preview (at least one coarse window before the end) all is exact
+    np.testing.assert_array_equal(first_early[-30 * 320 :], first_plain[-30 * 320 :])
+    np.testing.assert_array_equal(pcm(early, 1), pcm(plain, 1))  # no previews: not awaited
+    assert [a.seq for a in early.audio] == list(range(len(early.audio)))
+    ends = [m for m in early.messages if m["type"] == "segment_end"]
+    assert ends[0]["audio_ms"] == pytest.approx(first_early.size / 24, abs=1)
+
+
+async def test_early_audio_must_be_a_boolean(server):
+    async with await Client.connect(url(server)) as c:
+        await c.speak("x", "Hello.", final=True, early_audio="yes")  # type: ignore[arg-type]
+        s = (await collect(c, ["x"]))["x"]
+    assert s.messages[-1]["type"] == "error" and s.messages[-1]["code"] == "bad_request"
+    assert "early_audio" in s.messages[-1]["message"]
