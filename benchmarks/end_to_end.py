@@ -37,7 +37,7 @@ import torch
 import transformers
 
 from stream_engine import Engine
-from stream_engine.config import GenerationOptions
+from stream_engine.config import EngineConfig, GenerationOptions
 
 # Eight different sentences of realistic length (2-5 s of speech each); batches cycle them.
 SENTENCES = (
@@ -274,6 +274,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="random:small")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--decode-kernel",
+        default="auto",
+        choices=("auto", "avx2", "onednn", "mkl"),
+        help="EngineConfig.cpu_decode_kernel (CPU float32)",
+    )
     ap.add_argument("--dtype", default=None, help="default: float32 on cpu, float16 on cuda")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--semantic-tokens", type=int, default=150, help="per stream; 150 = 3 s")
@@ -284,7 +290,12 @@ def main() -> int:
     args = ap.parse_args()
 
     torch.manual_seed(0)
-    engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
+    engine = Engine.load(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        config=EngineConfig(cpu_decode_kernel=args.decode_kernel),
+    )
     quiet_known_transformers_logs()
     if args.voice not in engine.voices:
         raise SystemExit(f"unknown voice {args.voice!r}; available: {sorted(engine.voices)}")

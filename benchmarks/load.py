@@ -52,7 +52,7 @@ from naive_server import NaiveServer
 
 from stream_engine import Engine
 from stream_engine.client import Audio, Client
-from stream_engine.config import ServerConfig
+from stream_engine.config import EngineConfig, ServerConfig
 from stream_engine.server.app import Server
 
 # Short sentences (about one second of speech each) for smoke runs (--short).
@@ -318,6 +318,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="random:small")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--decode-kernel",
+        default="auto",
+        choices=("auto", "avx2", "onednn", "mkl"),
+        help="EngineConfig.cpu_decode_kernel (CPU float32)",
+    )
     ap.add_argument("--dtype", default=None, help="default: float32 on cpu, float16 on cuda")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--sentences", type=int, default=3, help="sentences per paragraph")
@@ -347,7 +353,12 @@ def main() -> int:
     args.voice = voice
 
     torch.manual_seed(0)
-    engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
+    engine = Engine.load(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        config=EngineConfig(cpu_decode_kernel=args.decode_kernel),
+    )
     if voice is not None and voice not in engine.voices:
         ap.error(f"unknown voice {voice!r}; available: {sorted(engine.voices)}")
     dtype = next(engine.loaded.model.parameters()).dtype

@@ -105,6 +105,7 @@ class SoakConfig:
     drop_rate: float = 0.03  # share of streams whose connection the client drops midway
     reuse_rate: float = 0.2  # share of streams that reuse the id of the slot's last stream
     flush_rate: float = 0.1  # share of streams that send a flush mid-text
+    early_rate: float = 0.3  # share of streams opened with early_audio (previews)
     piece_delay: float = 0.03  # most seconds between two pieces of text
     warmup: float | None = None  # memory baseline after this; None: min(60, duration / 3)
     drain: float = 120.0  # after duration: time running streams get before being cancelled
@@ -154,6 +155,7 @@ class StreamState:
     sample_bytes: int | None
     voice: str | None
     opened_at: float
+    early_audio: bool = False
     number: int | None = None
     final_sent: bool = False
     cancel_sent: bool = False
@@ -283,10 +285,11 @@ class Checker:
         number = m.get("stream")
         if number != self.last_number + 1:
             self.violation(f"stream number {number}, expected {self.last_number + 1}", st)
-        if (m.get("format"), m.get("sample_rate"), m.get("voice")) != (
+        if (m.get("format"), m.get("sample_rate"), m.get("voice"), m.get("early_audio")) != (
             st.format,
             st.sample_rate,
             st.voice,
+            st.early_audio,
         ):
             self.violation(f"started with {m}", st)
         if isinstance(number, int):
@@ -592,7 +595,8 @@ async def run_stream(ctx: Context, conn: Connection, slot: Slot) -> None:
     when = rng.choice(("text", "final", "audio")) if action else None
     stop_at = rng.randrange(1, len(parts)) if when == "text" else None
     flush_at = rng.randrange(1, len(parts)) if rng.random() < cfg.flush_rate else None
-    st = StreamState(conn.index, sid, text, fmt, rate, width, voice, time.perf_counter())
+    early = rng.random() < cfg.early_rate
+    st = StreamState(conn.index, sid, text, fmt, rate, width, voice, time.perf_counter(), early)
     conn.checker.open(st)
     report.opened += 1
     try:
@@ -605,7 +609,15 @@ async def run_stream(ctx: Context, conn: Connection, slot: Slot) -> None:
             last = i == len(parts) - 1
             st.final_sent |= last
             if i == 0:
-                await c.speak(sid, part, last, voice=voice, format=fmt, sample_rate=rate)
+                await c.speak(
+                    sid,
+                    part,
+                    last,
+                    voice=voice,
+                    format=fmt,
+                    sample_rate=rate,
+                    early_audio=early or None,
+                )
             else:
                 await c.speak(sid, part, last)
             await asyncio.sleep(rng.uniform(0, cfg.piece_delay))
@@ -769,6 +781,7 @@ def main() -> int:
         "--drop-rate", type=float, default=0.03, help="share of streams whose connection drops"
     )
     ap.add_argument("--reuse-rate", type=float, default=0.2, help="share reusing the last id")
+    ap.add_argument("--early-rate", type=float, default=0.3, help="share opened with early_audio")
     ap.add_argument("--piece-delay", type=float, default=0.03, help="most seconds between pieces")
     ap.add_argument("--warmup", type=float, default=None, help="default: min(60, duration/3)")
     ap.add_argument("--drain", type=float, default=120.0)
@@ -787,6 +800,7 @@ def main() -> int:
         cancel_rate=args.cancel_rate,
         drop_rate=args.drop_rate,
         reuse_rate=args.reuse_rate,
+        early_rate=args.early_rate,
         piece_delay=args.piece_delay,
         warmup=args.warmup,
         drain=args.drain,

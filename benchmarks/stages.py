@@ -24,6 +24,7 @@ import time
 import torch
 
 from stream_engine import Engine
+from stream_engine.config import EngineConfig
 
 DEVICE = torch.device("cpu")  # set by main()
 
@@ -115,12 +116,23 @@ def main() -> None:
         "--repeats", type=int, default=3, help="semantic/coarse: repeats (medians reported)"
     )
     ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--decode-kernel",
+        default="auto",
+        choices=("auto", "avx2", "onednn", "mkl"),
+        help="EngineConfig.cpu_decode_kernel (CPU float32)",
+    )
     ap.add_argument("--dtype", default=None, help="default: float32 on cpu, float16 on cuda")
     ap.add_argument("--fine-batch", type=int, default=8, help="fine/codec batch besides 1")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
-    engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
+    engine = Engine.load(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        config=EngineConfig(cpu_decode_kernel=args.decode_kernel),
+    )
     global DEVICE
     DEVICE = engine.device
     hf = engine.loaded.model

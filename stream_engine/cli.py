@@ -58,6 +58,12 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--token", default=None, help="require this bearer token")
     serve.add_argument("--allow-origin", action="append", default=None, help="repeatable")
     serve.add_argument("--max-connections", type=int, default=64)
+    serve.add_argument(
+        "--early-audio-frames",
+        type=int,
+        default=75,
+        help="streams with early_audio: coarse frames between previews (75 = 1 s of audio)",
+    )
     serve.add_argument("--log-level", default="info")
 
     say = sub.add_parser("say", help="speak TEXT to a WAV file and/or the speakers")
@@ -81,6 +87,11 @@ def parser() -> argparse.ArgumentParser:
         type=float,
         default=1.0,
         help="with '-': speak buffered text after the input pauses this long (s; 0: never)",
+    )
+    say.add_argument(
+        "--early-audio",
+        action="store_true",
+        help="let a segment's audio start before it is generated whole (docs/protocol.md)",
     )
     say.add_argument(
         "--progress",
@@ -117,6 +128,7 @@ def _serve(args: argparse.Namespace) -> int:
         token=args.token,
         allowed_origins=tuple(args.allow_origin) if args.allow_origin else None,
         max_connections=args.max_connections,
+        early_audio_frames=args.early_audio_frames,
     )
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
     asyncio.run(Server(engine, config).serve_forever())
@@ -334,6 +346,7 @@ async def _say_async(
                 format="pcm_s16le",
                 sample_rate=args.sample_rate,
                 options=None if args.seed is None else {"seed": args.seed},
+                early_audio=args.early_audio,
             )
             if progress is not None:
                 progress.started = time.monotonic()

@@ -337,6 +337,20 @@ async def test_say_stdin_speaks_as_the_text_arrives(server, tmp_path):
     assert seconds == pytest.approx(len(pcm) / rate, abs=0.01)
 
 
+async def test_say_early_audio_writes_the_same_length(server, tmp_path):
+    text = "A first sentence that goes on for a good while before it is over."
+    lengths = []
+    for flag in ([], ["--early-audio"]):
+        out = tmp_path / f"out{len(flag)}.wav"
+        rc, _, stderr = await run_cli(
+            "say", text, "--url", url(server), "-o", str(out), "--seed", "3", *flag
+        )
+        assert rc == 0, stderr
+        lengths.append(len(read_wav(out)[0]))
+    assert lengths[0] == lengths[1] > 0
+    assert server.metrics.previews.values[()] >= 1  # the second run used previews
+
+
 async def test_say_text_errors_and_exit_codes(server, tmp_path):
     out = tmp_path / "x.wav"
     rc, _, err = await run_cli("say", "Hi there.", "--url", url(server), "--voice", "nope")

@@ -16,6 +16,7 @@ const ui = {
   voice: $("voice"),
   format: $("format"),
   words: $("stream-words"),
+  early: $("early-audio"),
   speak: $("speak"),
   stop: $("stop"),
   transcript: $("transcript"),
@@ -343,6 +344,7 @@ async function speak() {
   seTest.streamId = current.id;
   seTest.runs += 1;
   const opening = { type: "speak", id: current.id, voice, format, sample_rate: rate };
+  if (ui.early.checked) opening.early_audio = true;
   if (ui.words.checked) {
     const pieces = text.match(/\s*\S+\s*/g) || [text];
     sendPiece(current, opening, pieces, 0);

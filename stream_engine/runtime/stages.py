@@ -415,7 +415,10 @@ class CoarseStage(Stage):
     def _preview(self, r: _Row) -> list[Request]:
         """A preview of ``r``'s segment, if it asked for previews and one is due."""
         req = r.req
-        frames = (len(r.coarse) - r.hist_len) // self.c.n_coarse_codebooks
+        generated = len(r.coarse) - r.hist_len
+        if r.total - generated < self.c.sliding_window_len:
+            return []  # less than a window left: the segment itself comes soon enough
+        frames = generated // self.c.n_coarse_codebooks
         # the first at the first window's end (the listener is waiting), then every N frames
         due = req.preview_frames > 0 and (
             req.previews == 0 or frames - req.previewed_frames >= req.preview_frames

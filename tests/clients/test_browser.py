@@ -103,10 +103,11 @@ async def test_speak_then_stop_in_headless_chromium(make_server, tmp_path):
         print(f"\nchromium: WebCodecs Opus supported: {hook['opusSupported']} {hook['opusReason']}")
         format = "opus" if hook["opusSupported"] else "pcm_s16le"
 
-        # 1. the whole paragraph at once, to the end
+        # 1. the whole paragraph at once, to the end, with early audio (previews)
         await page.fill("#text", PARAGRAPH)
         await page.select_option("#format", format)
         await page.select_option("#voice", "v2/en_speaker_6")
+        await page.check("#early-audio")
         started = time.monotonic()
         await page.click("#speak")
         await until(page, "window.seTest.state === 'done'", timeout=60)
@@ -142,6 +143,7 @@ async def test_speak_then_stop_in_headless_chromium(make_server, tmp_path):
             f"audio {hook['serverAudioMs']} ms"
         )
         assert cancelled_streams(srv) == 0
+        assert srv.metrics.previews.values.get((), 0) >= 1  # the first segment came early
         await page.screenshot(path=str(tmp_path / "browser-client-done.png"), full_page=True)
 
         # 2. streamed word by word as PCM; Stop while it plays
