@@ -5,14 +5,18 @@
 #
 # Parts (durations are estimates for an H100 until a GPU session measures them; every step
 # has its own time limit, so that a part ends inside the tool's 10 minutes whatever happens):
-#   wheels       HERE, not on the device (needs the network): the one wheel the device image
-#                lacks, pytest-asyncio (pyproject's pytest settings name it), into .whl/
+#   wheels       HERE, not on the device (needs the network): the wheels the device image
+#                lacks, pytest-asyncio (pyproject's pytest settings name it) and websockets
+#                (the server, for load-small), into .whl/
 #   tests        ~4 min  pytest -m gpu tests/gpu; then, on the device's CPU and torch, the
 #                        exactness tests and the CPU tests of cuda.py and of bfloat16
 #   bench-small  ~3 min  random:small, cuda float16: stages.py, then decode graphs vs eager
 #   e2e-small    ~3 min  random:small: end_to_end.py
 #   bench-large  ~5 min  random:large: stages.py, then decode graphs vs eager
 #   e2e-large    ~7 min  random:large: end_to_end.py
+#   load-small   ~8 min  random:small: load.py at 1, 4 and 32 clients (ours, ours with
+#                        early audio; the naive server at 1 client): the server issue's H100
+#                        goals (TTFA p50 <= 150 ms; 32 streams each faster than real time)
 #   all          every device part in a row (no overall limit: not for the device tool)
 # Several parts may share a call only if their step limits add up to less than 10 minutes
 # (e.g. "benchmarks/gpu.sh bench-small" alone is 8 min of limits).
@@ -24,8 +28,9 @@
 #   3. run(command="benchmarks/gpu.sh bench-small", carry=[".whl"], timeout_s=600)
 #   4. run(command="benchmarks/gpu.sh e2e-small", carry=[".whl"], timeout_s=600)
 #   5. run(command="benchmarks/gpu.sh bench-large", carry=[".whl"], timeout_s=600)
-#   6. run(command="benchmarks/gpu.sh e2e-large", carry=[".whl"], timeout_s=600)  # if time is left
-# (.whl is only needed by the tests part; carrying it elsewhere costs nothing.)
+#   6. run(command="benchmarks/gpu.sh load-small", carry=[".whl"], timeout_s=600)
+#   7. run(command="benchmarks/gpu.sh e2e-large", carry=[".whl"], timeout_s=600)  # if time is left
+# (.whl is needed by the tests and load-small parts; carrying it elsewhere costs nothing.)
 # Nothing else needs carrying: the device's own python3 has CUDA torch, transformers, numpy,
 # accelerate, pytest and pytest-timeout; the package runs from the working tree (PYTHONPATH).
 # What comes back lies under the reply's files_at: copy the JSON files into benchmarks/results/
@@ -55,7 +60,7 @@ wheels() {
     [ -x "$py" ] || py=python3
     "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
         --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
-        -d .whl "pytest-asyncio==1.3.0"
+        -d .whl "pytest-asyncio==1.3.0" "websockets==17.4"
     ls -l .whl
 }
 
@@ -168,6 +173,12 @@ part_e2e() {  # part_e2e SIZE LIMIT
         --dtype "$DTYPE" $E2E_ARGS --out "$RES/gpu-$GPU-random-$1-e2e.json"
 }
 
+part_load() {  # part_load SIZE LIMIT
+    step "load-$1" "$2" "$PY" benchmarks/load.py --model "random:$1" --device cuda \
+        --dtype "$DTYPE" --clients 1 4 32 --sentences 3 --rounds 1 --warmup 1 \
+        --naive-max-clients 1 --early-audio --out "$RES/gpu-$GPU-random-$1-load.json"
+}
+
 run_part() {
     PART=$1
     case "$PART" in
@@ -176,9 +187,10 @@ run_part() {
     e2e-small) part_e2e small 540 ;;
     bench-large) part_bench large 300 240 ;;
     e2e-large) part_e2e large 540 ;;
+    load-small) part_load small 540 ;;
     *)
         echo "unknown part $PART (wheels, tests, bench-small, e2e-small, bench-large," \
-            "e2e-large, all)" >&2
+            "e2e-large, load-small, all)" >&2
         exit 2
         ;;
     esac
@@ -194,7 +206,7 @@ if [ "$1" = wheels ]; then
 fi
 setup
 parts=("$@")
-[ "$1" = all ] && parts=(tests bench-small e2e-small bench-large e2e-large)
+[ "$1" = all ] && parts=(tests bench-small e2e-small bench-large e2e-large load-small)
 logs=()
 for p in "${parts[@]}"; do
     PART=$p
