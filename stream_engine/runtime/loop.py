@@ -176,8 +176,9 @@ class Runtime:
                     final += self._stage_failed(name, out)
                     continue
                 for req in out:
-                    if req.preview_of is not None and req.id not in self.requests:
-                        self._enter_preview(req)  # made by this stage just now
+                    if req.status is Status.COARSE and req.preview_of is not None:
+                        if req.id not in self.requests:  # made by the coarse stage just now
+                            self._enter_preview(req)
                         continue
                     if self.requests.get(req.id) is not req:
                         continue  # cancelled while the stage ran
