@@ -196,18 +196,25 @@ class CausalSelfAttention(nn.Module):
         self.cache.v[rows, :, :T] = v
         return self._merge(self._attend(q, k, v, None, True))
 
-    def forward_decode(self, x: Tensor, pos: Tensor, mask: Tensor, kv_len: int) -> Tensor:
+    @property
+    def decode_kernel(self) -> bool:
+        """Whether decode steps use ``kernels.attention`` (which needs no mask)."""
+        return self.kernels is not None and self.impl == "sdpa"
+
+    def forward_decode(self, x: Tensor, pos: Tensor, mask: Tensor | None, kv_len: int) -> Tensor:
         """One token per slot for slots ``[0, B)``: ``x`` (B, 1, C), ``pos`` (B,) its position.
 
-        ``mask`` (B, 1, 1, kv_len) says which cached keys each slot attends to.
+        ``mask`` (B, 1, 1, kv_len) says which cached keys each slot attends to (keys up to its
+        ``pos``); it may be None only where :attr:`decode_kernel` is true.
         """
         assert self.cache is not None
         B = x.size(0)
-        if self.kernels is not None and self.impl == "sdpa":
+        if self.decode_kernel:
             # the same attention (keys up to each slot's pos), without the mask's zeros
             qkv = self.att_proj(x).view(B, -1)  # (B, 3C)
             y = self.kernels.attention(qkv, self.cache.k, self.cache.v, pos)  # (B, C)
             return self.out_proj(y.view(B, 1, -1))
+        assert mask is not None
         q, k, v = self._heads(x)
         slot = torch.arange(B, device=x.device)
         self.cache.k[slot, :, pos] = k[:, :, 0]  # (B, nh, hs) at (slot, :, pos)
@@ -314,8 +321,10 @@ class CausalGPT(nn.Module):
         """
         x = self.input_embeds_layer(ids) + self.position_embeds_layer(pos)  # (B, C)
         x = x[:, None]  # (B, 1, C)
-        keys = torch.arange(kv_len, device=ids.device)
-        mask = (keys[None, :] <= pos[:, None])[:, None, None, :]  # (B, 1, 1, S)
+        mask = None
+        if not all(block.attn.decode_kernel for block in self.layers):
+            keys = torch.arange(kv_len, device=ids.device)
+            mask = (keys[None, :] <= pos[:, None])[:, None, None, :]  # (B, 1, 1, S)
         for block in self.layers:
             x = block._residual(
                 x, block.attn.forward_decode(block.layernorm_1(x), pos, mask, kv_len)
