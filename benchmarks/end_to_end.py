@@ -37,7 +37,7 @@ import torch
 import transformers
 
 from stream_engine import Engine
-from stream_engine.config import EngineConfig, GenerationOptions
+from stream_engine.config import CPU_DECODE_KERNELS, EngineConfig, GenerationOptions
 
 # Eight different sentences of realistic length (2-5 s of speech each); batches cycle them.
 SENTENCES = (
@@ -277,7 +277,7 @@ def main() -> int:
     ap.add_argument(
         "--decode-kernel",
         default="auto",
-        choices=("auto", "avx2", "onednn", "mkl"),
+        choices=CPU_DECODE_KERNELS,
         help="EngineConfig.cpu_decode_kernel (CPU float32)",
     )
     ap.add_argument("--dtype", default=None, help="default: float32 on cpu, float16 on cuda")

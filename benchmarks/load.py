@@ -52,7 +52,7 @@ from naive_server import NaiveServer
 
 from stream_engine import Engine
 from stream_engine.client import Audio, Client
-from stream_engine.config import EngineConfig, ServerConfig
+from stream_engine.config import CPU_DECODE_KERNELS, EngineConfig, ServerConfig
 from stream_engine.server.app import Server
 
 # Short sentences (about one second of speech each) for smoke runs (--short).
@@ -321,7 +321,7 @@ def main() -> int:
     ap.add_argument(
         "--decode-kernel",
         default="auto",
-        choices=("auto", "avx2", "onednn", "mkl"),
+        choices=CPU_DECODE_KERNELS,
         help="EngineConfig.cpu_decode_kernel (CPU float32)",
     )
     ap.add_argument("--dtype", default=None, help="default: float32 on cpu, float16 on cuda")

@@ -24,7 +24,7 @@ import time
 import torch
 
 from stream_engine import Engine
-from stream_engine.config import EngineConfig
+from stream_engine.config import CPU_DECODE_KERNELS, EngineConfig
 
 DEVICE = torch.device("cpu")  # set by main()
 
@@ -119,7 +119,7 @@ def main() -> None:
     ap.add_argument(
         "--decode-kernel",
         default="auto",
-        choices=("auto", "avx2", "onednn", "mkl"),
+        choices=CPU_DECODE_KERNELS,
         help="EngineConfig.cpu_decode_kernel (CPU float32)",
     )
     ap.add_argument("--dtype", default=None, help="default: float32 on cpu, float16 on cuda")

@@ -84,6 +84,9 @@ class GenerationOptions:
         return replace(self, seed=seed)
 
 
+CPU_DECODE_KERNELS = ("auto", "avx2", "onednn", "mkl")  # see stream_engine.bark.cpu_kernels
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How the engine runs. Sizes are fixed at start: caches and buffers are allocated once."""
@@ -105,9 +108,10 @@ class EngineConfig:
             _integer(name, getattr(self, name), 1, 4096)
         if self.attn not in ("sdpa", "eager", "flash_attention_2"):
             raise InvalidOption(f"attn must be sdpa, eager or flash_attention_2, got {self.attn!r}")
-        if self.cpu_decode_kernel not in ("auto", "avx2", "onednn", "mkl"):
+        if self.cpu_decode_kernel not in CPU_DECODE_KERNELS:
             raise InvalidOption(
-                f"cpu_decode_kernel must be auto, avx2, onednn or mkl, got {self.cpu_decode_kernel!r}"
+                f"cpu_decode_kernel must be one of {CPU_DECODE_KERNELS}, "
+                f"got {self.cpu_decode_kernel!r}"
             )
 
 

@@ -31,12 +31,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..config import CPU_DECODE_KERNELS
 from ..errors import InvalidOption, ModelLoadError
 from .model import DecodeKernels, can_pack
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("auto", "avx2", "onednn", "mkl")
 SOURCE = Path(__file__).with_name("csrc") / "decode_cpu.cpp"
 
 
@@ -77,8 +77,10 @@ def resolve(choice: str, weight: Tensor) -> tuple[str, DecodeKernels | None]:
     Returns its name and, for ``"avx2"``, the kernels. On anything but a float32 CPU weight
     every choice resolves to ``"default"`` (the plain ``F.linear``; CUDA has its own paths).
     """
-    if choice not in KERNELS:
-        raise InvalidOption(f"cpu_decode_kernel must be one of {KERNELS}, got {choice!r}")
+    if choice not in CPU_DECODE_KERNELS:
+        raise InvalidOption(
+            f"cpu_decode_kernel must be one of {CPU_DECODE_KERNELS}, got {choice!r}"
+        )
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
         return "default", None
     if choice in ("auto", "avx2"):
