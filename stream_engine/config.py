@@ -97,9 +97,10 @@ class EngineConfig:
     codec_batch: int = 4  # requests decoded by EnCodec per step
     attn: str = "sdpa"  # "sdpa", "eager" or "flash_attention_2" (CUDA + flash-attn only)
     cuda_graphs: bool = True  # on CUDA: capture decode steps per batch-size bucket
-    # on CPU in float32, the kernel of decode steps' linears (stream_engine.bark.cpu_kernels):
-    # "avx2" (built on first use; near the memory bandwidth), "onednn" (a packed copy of the
-    # weights), "mkl" (plain F.linear) or "auto" (avx2 if it builds here, else onednn)
+    # on CPU in float32, the kernels of decode steps (stream_engine.bark.cpu_kernels): "avx2"
+    # (linears near the memory bandwidth and a per-slot attention; built on first use),
+    # "onednn" (a packed copy of the weights), "mkl" (plain F.linear) or "auto" (avx2 if it
+    # builds here, else onednn)
     cpu_decode_kernel: str = "auto"
     max_queue: int = 256  # requests waiting for a stage before submit() raises Busy
 

@@ -78,7 +78,7 @@ class Engine:
         assert isinstance(fine, FineGPT)
         for m in (semantic, coarse, fine):
             m.set_attn(config.attn)
-        # decode steps' linears: the AVX2 kernel, packed oneDNN or MKL on a CPU in float32
+        # decode steps on a CPU in float32: the AVX2 kernels, packed oneDNN or plain MKL
         self.decode_kernel, kernels = cpu_kernels.resolve(
             config.cpu_decode_kernel, semantic.lm_head.weight
         )
