@@ -110,6 +110,17 @@ class Linear(nn.Linear):
                 return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return super().forward(x)
 
+    def forward_rows(self, x: Tensor, start: int) -> Tensor:
+        """``self(x)[..., start:]``, computing only those outputs (the weight's rows from
+        ``start``, a contiguous view). Each output is the same dot product as in ``self(x)``."""
+        if start == 0:
+            return self(x)
+        weight = self.weight[start:]
+        bias = None if self.bias is None else self.bias[start:]
+        if self.kernels is not None and self._small(x):
+            return self.kernels.linear(x, weight, bias, False)
+        return F.linear(x, weight, bias)
+
     def forward_gelu(self, x: Tensor) -> Tensor:
         """``gelu(self(x))``, in one pass where the kernel can."""
         if self.kernels is not None and self._small(x):
@@ -169,9 +180,15 @@ class CausalSelfAttention(nn.Module):
         B, nh, T, hs = y.shape
         return self.out_proj(y.transpose(1, 2).reshape(B, T, nh * hs))  # (B, T, C)
 
-    def forward_full(self, x: Tensor) -> Tensor:
-        """Attention over ``x`` alone, without a cache (causal or not)."""
+    def forward_full(self, x: Tensor, queries_from: int = 0) -> Tensor:
+        """Attention over ``x`` alone, without a cache: (B, T, C) -> (B, T - queries_from, C).
+
+        Only positions from ``queries_from`` attend (over all keys; non-causal models only).
+        """
         q, k, v = self._heads(x)
+        if queries_from:
+            assert not self.causal, "queries_from is for non-causal attention"
+            q = q[:, :, queries_from:]
         if self.impl == "flash_attention_2" and x.is_cuda:
             from flash_attn import flash_attn_func  # optional CUDA-only dependency
 
@@ -182,6 +199,27 @@ class CausalSelfAttention(nn.Module):
             y = self._attend(q, k, v, None, self.causal)
         return self._merge(y)
 
+    def _write_prefill(self, k: Tensor, v: Tensor, rows: Tensor) -> None:
+        assert self.cache is not None
+        T = k.size(2)
+        self.cache.k[rows, :, :T] = k
+        self.cache.v[rows, :, :T] = v
+
+    def forward_prefill_last(self, x: Tensor, rows: Tensor, last: Tensor) -> Tensor:
+        """:meth:`forward_prefill` when only each row's output at ``last`` (B,) is needed.
+
+        Writes every position's K/V into ``rows``' slots, as :meth:`forward_prefill` does, but
+        attends from position ``last[b]`` only (over keys ``[0, last[b]]``): (B, T, C) ->
+        (B, 1, C). The last layer of a prefill needs no more.
+        """
+        q, k, v = self._heads(x)
+        self._write_prefill(k, v, rows)
+        B, T = x.size(0), x.size(1)
+        q = q[torch.arange(B, device=x.device), :, last][:, :, None]  # (B, nh, 1, hs)
+        keys = torch.arange(T, device=x.device)
+        mask = (keys[None, :] <= last[:, None])[:, None, None, :]  # (B, 1, 1, T)
+        return self._merge(self._attend(q, k, v, mask, False))
+
     def forward_prefill(self, x: Tensor, rows: Tensor) -> Tensor:
         """Causal attention over ``x`` (B, T, C) from position 0; writes K/V into ``rows``' slots.
 
@@ -189,11 +227,8 @@ class CausalSelfAttention(nn.Module):
         padded keys written to the cache are overwritten by decode steps before anyone reads
         them.
         """
-        assert self.cache is not None
         q, k, v = self._heads(x)
-        T = x.size(1)
-        self.cache.k[rows, :, :T] = k
-        self.cache.v[rows, :, :T] = v
+        self._write_prefill(k, v, rows)
         return self._merge(self._attend(q, k, v, None, True))
 
     @property
@@ -262,6 +297,8 @@ class CausalGPT(nn.Module):
         self.layernorm_final = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.lm_head = Linear(cfg.n_embd, cfg.output_vocab_size, bias=False)
         self.slots = 0
+        # decode steps compute the logits of output ids [head_start, V) only (see restrict_head)
+        self.head_start = 0
 
     def setup_cache(self, slots: int, max_len: int | None = None) -> None:
         """Allocate the KV cache for ``slots`` concurrent requests, once, up front."""
@@ -298,6 +335,23 @@ class CausalGPT(nn.Module):
             elif isinstance(module, CausalSelfAttention):
                 module.kernels = kernels if kernel == "avx2" else None
 
+    def restrict_head(self, start: int) -> None:
+        """Make :meth:`decode` return the logits of output ids ``[start, V)`` only.
+
+        For a caller that never picks an id below ``start`` (the coarse stage picks codebook
+        ids, all from 10000 up): the head's other rows are not read at all, which is most of
+        the coarse head and ~8% of a coarse decode step's weights. Each logit is the same dot
+        product as before.
+        """
+        if not 0 <= start < self.cfg.output_vocab_size:
+            raise ValueError(f"head start {start} outside [0, {self.cfg.output_vocab_size})")
+        self.head_start = start
+
+    @property
+    def decode_vocab(self) -> int:
+        """Width of :meth:`decode`'s logits: ``V - head_start``."""
+        return self.cfg.output_vocab_size - self.head_start
+
     def embed(self, ids: Tensor) -> Tensor:
         return self.input_embeds_layer(ids)
 
@@ -305,19 +359,25 @@ class CausalGPT(nn.Module):
         """Run ``embeds`` (B, T, C) from position 0 into ``rows``' slots.
 
         ``last`` (B,) is the index of each row's last real token; returns its logits (B, V).
+        Every layer writes K/V for all positions; the last one carries on from ``last`` alone
+        (its attention output and MLP elsewhere would feed nothing).
         """
         T = embeds.size(1)
         pos = torch.arange(T, device=embeds.device)
         x = embeds + self.position_embeds_layer(pos)[None]
-        for block in self.layers:
+        *body, top = self.layers
+        for block in body:
             x = block._residual(x, block.attn.forward_prefill(block.layernorm_1(x), rows))
-        x = x[torch.arange(x.size(0), device=x.device), last]  # (B, C)
-        return self.lm_head(self.layernorm_final(x))
+        y = top.attn.forward_prefill_last(top.layernorm_1(x), rows, last)  # (B, 1, C)
+        x = x[torch.arange(x.size(0), device=x.device), last][:, None]  # (B, 1, C)
+        x = top._residual(x, y)
+        return self.lm_head(self.layernorm_final(x[:, 0]))
 
     def decode(self, ids: Tensor, pos: Tensor, kv_len: int) -> Tensor:
         """One step for slots ``[0, B)``: token ``ids`` (B,) at positions ``pos`` (B,).
 
-        Keys up to ``kv_len`` (> max(pos)) are read; returns logits (B, V).
+        Keys up to ``kv_len`` (> max(pos)) are read; returns logits (B, :attr:`decode_vocab`):
+        those of output ids from :attr:`head_start`.
         """
         x = self.input_embeds_layer(ids) + self.position_embeds_layer(pos)  # (B, C)
         x = x[:, None]  # (B, 1, C)
@@ -329,7 +389,7 @@ class CausalGPT(nn.Module):
             x = block._residual(
                 x, block.attn.forward_decode(block.layernorm_1(x), pos, mask, kv_len)
             )
-        return self.lm_head(self.layernorm_final(x[:, 0]))
+        return self.lm_head.forward_rows(self.layernorm_final(x[:, 0]), self.head_start)
 
     def forward_full(self, ids: Tensor) -> Tensor:
         """Logits at every position of ``ids`` (B, T), without the cache (for tests)."""
@@ -372,12 +432,18 @@ class FineGPT(nn.Module):
         )  # (B, T, C, n_codes)
         return embs[..., : codebook + 1].sum(dim=-1)
 
-    def body(self, x: Tensor) -> Tensor:
-        """Positions, the non-causal blocks and the final norm: (B, T, C) -> (B, T, C)."""
+    def body(self, x: Tensor, keep_from: int = 0) -> Tensor:
+        """Positions, the non-causal blocks and the final norm: (B, T, C) -> (B, T - keep_from, C).
+
+        Only positions from ``keep_from`` come out: the last block attends from those alone
+        and runs its MLP on them (every position still serves as a key and value).
+        """
         x = x + self.position_embeds_layer(torch.arange(x.size(1), device=x.device))[None]
-        for block in self.layers:
+        *body, top = self.layers
+        for block in body:
             x = block._residual(x, block.attn.forward_full(block.layernorm_1(x)))
-        return self.layernorm_final(x)
+        y = top.attn.forward_full(top.layernorm_1(x), queries_from=keep_from)
+        return self.layernorm_final(top._residual(x[:, keep_from:], y))
 
     def head(self, h: Tensor, codebook: int) -> Tensor:
         return self.lm_heads[codebook - self.cfg.n_codes_given](h)  # (B, T, V)

@@ -94,9 +94,9 @@ class DecodeGraphs:
 
     ``graphs(ids, pos, kv_len)`` has ``model.decode``'s contract: ``ids`` and ``pos`` (n,) on
     the model's device for slots ``[0, n)``, keys up to ``kv_len`` (> max(pos)) read; returns
-    logits (n, V). Differences: the logits are float32 whatever the model's dtype, and they
-    are a view of a static buffer, valid until the next call (read them, or clone them, before
-    calling again; never write to them).
+    logits (n, ``model.decode_vocab``). Differences: the logits are float32 whatever the
+    model's dtype, and they are a view of a static buffer, valid until the next call (read
+    them, or clone them, before calling again; never write to them).
 
     ``capture=False`` runs the same padded step on the same static buffers eagerly, without
     graphs (for tests on machines without CUDA, and to tell a capture problem from a padding
@@ -130,11 +130,12 @@ class DecodeGraphs:
             raise ValueError("call model.setup_cache(slots) before building DecodeGraphs")
         self._cache: KVCache = attn.cache
         self._impl = attn.impl
+        self._head_start = self.model.head_start
         self.slots = self.model.slots
         self.max_len = self._cache.k.size(2)
         self.batch_sizes = batch_buckets(self.slots)
         self.kv_lens = kv_buckets(self.max_len, self.kv_step)
-        V = self.model.cfg.output_vocab_size
+        V = self.model.decode_vocab
         dev = self.device
         self.ids = torch.zeros(self.slots, dtype=torch.long, device=dev)  # (S,)
         self.pos = torch.zeros(self.slots, dtype=torch.long, device=dev)  # (S,)
@@ -145,7 +146,11 @@ class DecodeGraphs:
 
     def _current(self) -> bool:
         attn = _first_attention(self.model)
-        return attn.cache is self._cache and attn.impl == self._impl
+        return (
+            attn.cache is self._cache
+            and attn.impl == self._impl
+            and self.model.head_start == self._head_start
+        )
 
     def __call__(self, ids: Tensor, pos: Tensor, kv_len: int) -> Tensor:
         if not self._current():

@@ -294,6 +294,8 @@ class CoarseStage(Stage):
         dev = model.lm_head.weight.device
         self.device = dev
         model.setup_cache(slots)
+        # no coarse id is below the first codebook's: decode steps skip those logits
+        model.restrict_head(consts.semantic_vocab_size)
         self.decode = make_decoder(model, slots, dev, cuda_graphs, capture_now=cuda_graphs)
         self.params = _Params(slots, dev)
         self.next_ids = torch.zeros(slots, dtype=torch.long, device=dev)
@@ -369,7 +371,11 @@ class CoarseStage(Stage):
         owners: list[_Row | None] = [None] * n
         for i, r in rows:
             pos[i], owners[i] = r.pos, r
-        logits = self.decode(self.next_ids[:n], to_device(pos, self.device), max(pos) + 1)
+        part = self.decode(self.next_ids[:n], to_device(pos, self.device), max(pos) + 1)
+        # back to full width (ids below the head's start can never be picked), so that
+        # sampling sees the same scores and noise indices as with the whole head
+        logits = part.new_full((n, self.vocab.numel()), float("-inf"))
+        logits[:, self.model.head_start :] = part
         tok = self._choose(logits, owners, slice(0, n))
         self.next_ids[:n] = tok
         for _, r in rows:
@@ -482,12 +488,13 @@ class FineStage(Stage):
         if not items:
             return []
         L = self.c.max_fine_input_length
-        windows, books = [], []
+        windows, books, plans = [], [], []
         for i, _ in items:
             buf, plan, (w, cb) = self.state[i]
             start, _ = plan.windows[w]
             windows.append(buf[start : start + L])
             books.append(cb)
+            plans.append((plan, (w, cb)))
         codes = torch.stack(windows)  # (B, L, 8)
         # rows predicting the same codebook share one embedding sum and one head
         groups: dict[int, list[int]] = {}
@@ -501,11 +508,14 @@ class FineStage(Stage):
         for cb, members in groups.items():
             idx = to_device(members, self.device)
             x[idx] = self.model.embed(codes[idx], cb)
-        h = self.model.body(x)
-        logits = torch.empty((len(items), L, self.c.codebook_size), device=self.device)
+        # only frames from each window's fill point get new codes: the model computes the
+        # frames from the batch's earliest fill point; earlier logits stay 0, and unused
+        keep = min(plan.windows[w][1] - plan.windows[w][0] for plan, (w, _) in plans)
+        h = self.model.body(x, keep_from=keep)  # (B, L - keep, C)
+        logits = torch.zeros((len(items), L, self.c.codebook_size), device=self.device)
         for cb, members in groups.items():
             idx = to_device(members, self.device)
-            logits[idx] = self.model.head(h[idx], cb)[..., : self.c.codebook_size].float()
+            logits[idx, keep:] = self.model.head(h[idx], cb)[..., : self.c.codebook_size].float()
         slots = to_device([i for i, _ in items], self.device)
         counter = to_device(
             [self.state[i][2][0] * 8 + self.state[i][2][1] for i, _ in items], self.device

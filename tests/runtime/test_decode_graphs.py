@@ -105,6 +105,21 @@ def test_follows_cache_reallocation_and_attention_change():
     torch.testing.assert_close(got, m.decode(ids, pos + 1, 22), atol=1e-5, rtol=0)
 
 
+@torch.inference_mode()
+def test_follows_the_head_restriction():
+    m = _model(2)
+    _prefill(m, [10, 20])
+    graphs = DecodeGraphs(m, capture=False)
+    ids, pos = torch.tensor([5, 6]), torch.tensor([10, 20])
+    full = graphs(ids, pos, 21).clone()
+    assert full.shape == (2, CFG.output_vocab_size)
+    m.restrict_head(120)  # as the coarse stage does: new output buffers
+    tail = graphs(ids, pos, 21)
+    assert tail.shape == (2, 80)
+    torch.testing.assert_close(tail, full[:, 120:], atol=1e-6, rtol=0)
+    torch.testing.assert_close(tail, m.decode(ids, pos, 21), atol=1e-6, rtol=0)
+
+
 def test_too_many_rows_or_keys():
     m = _model(2)
     graphs = DecodeGraphs(m, capture=False)
