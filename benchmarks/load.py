@@ -53,6 +53,7 @@ from naive_server import NaiveServer
 from stream_engine import Engine
 from stream_engine.client import Audio, Client
 from stream_engine.config import CPU_DECODE_KERNELS, EngineConfig, ServerConfig
+from stream_engine.runtime.trace import StepTrace
 from stream_engine.server.app import Server
 
 # Short sentences (about one second of speech each) for smoke runs (--short).
@@ -192,7 +193,20 @@ def percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
-def summarize(rounds: list[tuple[list[StreamResult], float]]) -> dict[str, Any]:
+def engine_summary(trace: StepTrace, start: float, end: float) -> dict[str, Any]:
+    """What our engine did during a round: busy share, seconds and mean batch per stage."""
+    s = trace.summary(start, end)
+    stages = ", ".join(
+        f"{name} {v['seconds']:.1f} s (mean batch {v['mean_batch']:.2f})"
+        for name, v in s["stages"].items()
+    )
+    print(f"  engine busy {s['busy']:.0%} of {s['span_s']:.1f} s: {stages}", flush=True)
+    return s
+
+
+def summarize(
+    rounds: list[tuple[list[StreamResult], float]], engine: list[dict[str, Any]]
+) -> dict[str, Any]:
     streams = [r for results, _ in rounds for r in results]
     ttfa = [r.ttfa_s for r in streams if r.ttfa_s is not None]
     rtf = [r.rtf for r in streams if r.rtf is not None]
@@ -213,6 +227,8 @@ def summarize(rounds: list[tuple[list[StreamResult], float]]) -> dict[str, Any]:
         "wall_s": wall,
         "audio_s_per_wall_s": audio / wall if wall > 0 else None,
         "round_walls_s": [w for _, w in rounds],
+        # our engine's steps in each round (runtime/trace.py); empty for the naive server
+        "engine": engine,
         "per_stream": [
             {**asdict(r), "ttfa_s": r.ttfa_s, "rtf": r.rtf, "audio_s": r.audio_s} for r in streams
         ],
@@ -284,6 +300,8 @@ async def bench(args: argparse.Namespace, engine: Engine) -> dict[int, dict[str,
         servers["naive"] = naive
     pool = SHORT_SENTENCES if args.short else SENTENCES
     by_n: dict[int, dict[str, dict[str, Any]]] = {}
+    trace = StepTrace()
+    engine.runtime.observer = trace
     try:
         for name, srv in servers.items():
             for _ in range(args.warmup):  # first calls pay one-time costs (allocations, ...)
@@ -292,6 +310,7 @@ async def bench(args: argparse.Namespace, engine: Engine) -> dict[int, dict[str,
                 print(f"warm-up round on {name} done", flush=True)
         for n in args.clients:
             rounds: dict[str, list[tuple[list[StreamResult], float]]] = {k: [] for k in servers}
+            steps: dict[str, list[dict[str, Any]]] = {k: [] for k in servers}
             for r in range(args.rounds):  # the sides alternate: a slow spell hits both
                 # each round its own paragraphs (the same for both servers)
                 texts = [paragraph(r * n + i, args.sentences, pool) for i in range(n)]
@@ -304,8 +323,15 @@ async def bench(args: argparse.Namespace, engine: Engine) -> dict[int, dict[str,
                     rounds[name].append(
                         await run_round(url, texts, args.voice, args.piece_delay, early)
                     )
-                    print(f"N={n} {name}: round took {time.perf_counter() - t0:.1f} s", flush=True)
-            by_n[n] = {name: summarize(r) for name, r in rounds.items() if r}
+                    t1 = time.perf_counter()
+                    print(f"N={n} {name}: round took {t1 - t0:.1f} s", flush=True)
+                    if name != "naive":
+                        steps[name].append(engine_summary(trace, t0, t1))
+                        if args.trace:
+                            path = f"{args.trace}-{name}-{n}c-r{r}.json"
+                            trace.chrome(path, t0, t1)
+                            print(f"  trace: {path}")
+            by_n[n] = {name: summarize(r, steps[name]) for name, r in rounds.items() if r}
             print_table(n, args.sentences, by_n[n])
     finally:
         await ours.stop(timeout=0)
@@ -343,6 +369,12 @@ def main() -> int:
         "--early-audio",
         action="store_true",
         help="also a side 'early': our server with clients that ask for early_audio",
+    )
+    ap.add_argument(
+        "--trace",
+        default=None,
+        metavar="PREFIX",
+        help="write each round of our server as a Chrome trace, PREFIX-SIDE-Nc-rR.json",
     )
     ap.add_argument("--check-goals", action="store_true", help="exit 1 when a goal fails")
     ap.add_argument("--out", default=None)

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -37,6 +38,10 @@ log = logging.getLogger(__name__)
 
 MAX_RETRIES = 2  # times a request is retried after its stage raised
 
+# (stage, requests in it, start, end): one stage step, times from time.perf_counter(). On CUDA
+# the times are the host's (kernels are queued, not waited for).
+StepObserver = Callable[[str, int, float, float], None]
+
 
 class Runtime:
     def __init__(
@@ -49,6 +54,8 @@ class Runtime:
         self.queues: dict[str, list[Request]] = {name: [] for name in STAGES}
         self.removals: dict[str, list[Request]] = {name: [] for name in STAGES}
         self.steps = 0
+        # called after every stage step, from the thread that ran it (traces, benchmarks)
+        self.observer: StepObserver | None = None
         # guards requests/queues/removals; workers wait on it for work
         self.changed = threading.Condition(threading.RLock())
 
@@ -158,11 +165,20 @@ class Runtime:
     def execute(self, plan: Plan) -> dict[str, list[Request] | BaseException]:
         outputs: dict[str, list[Request] | BaseException] = {}
         for name in plan.run:
+            stage = self.stages[name]
+            batch, started = stage.active, time.perf_counter()
             try:
-                outputs[name] = self.stages[name].step()
+                outputs[name] = stage.step()
             except Exception as exc:  # one stage's failure must not stop the others
                 log.exception("stage %s failed", name)
                 outputs[name] = exc
+            observer = self.observer
+            if observer is not None:
+                try:
+                    observer(name, batch, started, time.perf_counter())
+                except Exception:  # a broken observer must not stop the engine
+                    log.exception("step observer failed; removed")
+                    self.observer = None
         self.steps += 1
         return outputs
 

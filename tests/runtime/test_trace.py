@@ -1,0 +1,81 @@
+"""The step trace: what the engine records of its steps, and what it makes of them."""
+
+import json
+
+import pytest
+
+from stream_engine.runtime.trace import StepTrace
+
+
+def test_summary_counts_time_batches_and_idle():
+    t = StepTrace()
+    t("semantic", 2, 0.0, 1.0)
+    t("coarse", 4, 1.0, 3.0)
+    t("coarse", 2, 3.0, 4.0)
+    t("fine", 1, 6.0, 7.0)  # 4..6 idle
+    s = t.summary(0.0, 10.0)
+    assert s["busy"] == pytest.approx(0.5)  # 5 s of steps in 10 s
+    assert s["stages"]["coarse"] == {"steps": 2, "seconds": 3.0, "mean_batch": 3.0}
+    assert set(s["stages"]) == {"semantic", "coarse", "fine"}
+    assert t.summary(3.5, 10.0)["stages"].keys() == {"fine"}  # steps that began in the span
+
+
+def test_overlapping_steps_are_not_counted_twice():
+    t = StepTrace()
+    t("semantic", 1, 0.0, 2.0)  # on a GPU the workers' steps overlap
+    t("coarse", 1, 1.0, 3.0)
+    assert t.summary(0.0, 4.0)["busy"] == pytest.approx(0.75)
+
+
+def test_limit_keeps_the_newest():
+    t = StepTrace(limit=2)
+    for i in range(5):
+        t("codec", 1, float(i), i + 0.5)
+    assert [s.start for s in t.steps] == [3.0, 4.0]
+    with pytest.raises(ValueError):
+        StepTrace(limit=0)
+
+
+def test_chrome_trace(tmp_path):
+    t = StepTrace()
+    t("fine", 3, 10.0, 10.5)
+    t("codec", 1, 10.5, 10.6)
+    path = tmp_path / "trace.json"
+    assert t.chrome(str(path)) == 2
+    events = json.loads(path.read_text())["traceEvents"]
+    spans = [e for e in events if e["ph"] == "X"]
+    assert spans[0] == {
+        "name": "fine x3",
+        "ph": "X",
+        "pid": 0,
+        "tid": 2,
+        "ts": 0.0,
+        "dur": 500000.0,
+        "args": {"batch": 3},
+    }
+    assert spans[1]["tid"] == 3 and spans[1]["ts"] == pytest.approx(500000.0)
+    names = {e["args"]["name"] for e in events if e["ph"] == "M"}
+    assert names == {"semantic", "coarse", "fine", "codec"}
+
+
+def test_runtime_reports_every_stage_step(tiny):
+    t = StepTrace()
+    tiny.runtime.observer = t
+    try:
+        tiny.generate(["One sentence.", "And another one."], greedy=True, max_semantic_tokens=20)
+    finally:
+        tiny.runtime.observer = None
+    stages = {s.stage for s in t.steps}
+    assert stages == {"semantic", "coarse", "fine", "codec"}
+    assert max(s.batch for s in t.steps if s.stage == "coarse") == 2  # batched together
+    assert all(s.end >= s.start for s in t.steps)
+
+
+def test_a_failing_observer_is_dropped_not_fatal(tiny):
+    def broken(*args):
+        raise RuntimeError("observer bug")
+
+    tiny.runtime.observer = broken
+    speech = tiny.generate("Still spoken.", greedy=True, max_semantic_tokens=10)[0]
+    assert tiny.runtime.observer is None
+    assert speech.audio.size > 0
