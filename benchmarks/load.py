@@ -301,7 +301,7 @@ async def bench(args: argparse.Namespace, engine: Engine) -> dict[int, dict[str,
     pool = SHORT_SENTENCES if args.short else SENTENCES
     by_n: dict[int, dict[str, dict[str, Any]]] = {}
     trace = StepTrace()
-    engine.runtime.observer = trace
+    engine.runtime.observers.append(trace)
     try:
         for name, srv in servers.items():
             for _ in range(args.warmup):  # first calls pay one-time costs (allocations, ...)

@@ -64,6 +64,13 @@ def parser() -> argparse.ArgumentParser:
         default=75,
         help="streams with early_audio: coarse frames between previews (75 = 1 s of audio)",
     )
+    serve.add_argument(
+        "--trace",
+        default=None,
+        metavar="FILE",
+        help="on exit, write the engine's last 200000 stage steps to FILE as a Chrome trace "
+        "(open in https://ui.perfetto.dev or chrome://tracing)",
+    )
     serve.add_argument("--log-level", default="info")
 
     say = sub.add_parser("say", help="speak TEXT to a WAV file and/or the speakers")
@@ -131,7 +138,18 @@ def _serve(args: argparse.Namespace) -> int:
         early_audio_frames=args.early_audio_frames,
     )
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
-    asyncio.run(Server(engine, config).serve_forever())
+    trace = None
+    if args.trace:
+        from .runtime.trace import StepTrace
+
+        trace = StepTrace(limit=200_000)
+        engine.runtime.observers.append(trace)
+    try:
+        asyncio.run(Server(engine, config).serve_forever())
+    finally:
+        if trace is not None:
+            n = trace.chrome(args.trace)
+            logging.getLogger(__name__).info("wrote %d stage steps to %s", n, args.trace)
     return 0
 
 

@@ -20,6 +20,7 @@ the requests that wait on it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -54,8 +55,8 @@ class Runtime:
         self.queues: dict[str, list[Request]] = {name: [] for name in STAGES}
         self.removals: dict[str, list[Request]] = {name: [] for name in STAGES}
         self.steps = 0
-        # called after every stage step, from the thread that ran it (traces, benchmarks)
-        self.observer: StepObserver | None = None
+        # called after every stage step, from the thread that ran it (metrics, traces)
+        self.observers: list[StepObserver] = []
         # guards requests/queues/removals; workers wait on it for work
         self.changed = threading.Condition(threading.RLock())
 
@@ -172,13 +173,14 @@ class Runtime:
             except Exception as exc:  # one stage's failure must not stop the others
                 log.exception("stage %s failed", name)
                 outputs[name] = exc
-            observer = self.observer
-            if observer is not None:
+            ended = time.perf_counter()
+            for observer in tuple(self.observers):
                 try:
-                    observer(name, batch, started, time.perf_counter())
+                    observer(name, batch, started, ended)
                 except Exception:  # a broken observer must not stop the engine
-                    log.exception("step observer failed; removed")
-                    self.observer = None
+                    log.exception("step observer %r failed; removed", observer)
+                    with contextlib.suppress(ValueError):
+                        self.observers.remove(observer)
         self.steps += 1
         return outputs
 

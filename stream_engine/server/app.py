@@ -113,6 +113,18 @@ class Metrics:
             "stream_engine_previews_total",
             "Segment previews (early audio) decoded and handed to their stream.",
         )
+        self.stage_seconds = Counter(
+            "stream_engine_stage_seconds_total",
+            "Seconds each stage spent stepping (its busy time; on CUDA, host time).",
+        )
+        self.stage_steps = Counter("stream_engine_stage_steps_total", "Steps each stage ran.")
+        self.stage_rows = Counter(
+            "stream_engine_stage_rows_total",
+            "Requests stepped, summed over steps (rows / steps: the mean batch).",
+        )
+        for counter in (self.stage_seconds, self.stage_steps, self.stage_rows):
+            for n in STAGES:  # every key exists before the workers write (no dict resize)
+                counter.inc(0.0, stage=n)
         for m in (
             self.ttfa,
             self.rtf,
@@ -121,8 +133,17 @@ class Metrics:
             self.audio,
             self.slow_clients,
             self.previews,
+            self.stage_seconds,
+            self.stage_steps,
+            self.stage_rows,
         ):
             r.add(m)
+
+    def step(self, stage: str, batch: int, start: float, end: float) -> None:
+        """A :data:`~stream_engine.runtime.loop.StepObserver` (called from worker threads)."""
+        self.stage_seconds.inc(end - start, stage=stage)
+        self.stage_steps.inc(stage=stage)
+        self.stage_rows.inc(batch, stage=stage)
 
 
 class Server:
@@ -148,6 +169,7 @@ class Server:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self.engine.runtime.observers.append(self.metrics.step)
         self.pipeline.start()
         cfg = self.config
         self._ws = await serve(
@@ -189,6 +211,8 @@ class Server:
         if self._ws is not None:
             await self._ws.wait_closed()
         await asyncio.to_thread(self.pipeline.stop, 30.0)
+        with contextlib.suppress(ValueError):
+            self.engine.runtime.observers.remove(self.metrics.step)
 
     async def serve_forever(self) -> None:
         """Run until SIGTERM or SIGINT, then shut down gracefully."""

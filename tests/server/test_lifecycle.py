@@ -82,6 +82,8 @@ async def test_sigterm_stops_the_process_cleanly(tmp_path):
             "cpu",
             "--port",
             "0",
+            "--trace",
+            str(tmp_path / "trace.json"),
         ],
         stderr=subprocess.PIPE,
         text=True,
@@ -111,6 +113,10 @@ async def test_sigterm_stops_the_process_cleanly(tmp_path):
             types = [m["type"] async for m in c.events() if isinstance(m, dict)]
         assert types[-1] == "done"
         assert await asyncio.to_thread(proc.wait, 120) == 0
+        # --trace: the steps of that stream, every stage
+        events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+        stepped = {e["name"].split(" ")[0] for e in events if e["ph"] == "X"}
+        assert stepped == {"semantic", "coarse", "fine", "codec"}
     finally:
         if proc.poll() is None:
             proc.kill()

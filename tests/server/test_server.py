@@ -194,6 +194,13 @@ async def test_http_endpoints(server):
     assert "stream_engine_ttfa_seconds_count 1" in body
     assert 'stream_engine_queue_depth{stage="semantic"} 0' in body
     assert "stream_engine_active_streams 0" in body
+    busy = {
+        line.split('"')[1]: float(line.rsplit(" ", 1)[1])
+        for line in body.splitlines()
+        if line.startswith("stream_engine_stage_seconds_total{")
+    }
+    assert set(busy) == {"semantic", "coarse", "fine", "codec"} and min(busy.values()) > 0
+    assert 'stream_engine_stage_steps_total{stage="codec"}' in body
     status, _, _ = await asyncio.to_thread(http_get, server, "/nope")
     assert status == 404
 
