@@ -200,7 +200,11 @@ def engine_summary(trace: StepTrace, start: float, end: float) -> dict[str, Any]
         f"{name} {v['seconds']:.1f} s (mean batch {v['mean_batch']:.2f})"
         for name, v in s["stages"].items()
     )
-    print(f"  engine busy {s['busy']:.0%} of {s['span_s']:.1f} s: {stages}", flush=True)
+    print(
+        f"  engine busy {s['busy']:.0%} of {s['span_s']:.1f} s, window work {s['window_s']:.1f} s:"
+        f" {stages}",
+        flush=True,
+    )
     return s
 
 
@@ -268,7 +272,14 @@ def goals(by_n: dict[int, dict[str, dict[str, Any]]], sentences: int) -> list[di
     goal = "throughput at 4 clients >= 1.8x one client (ours)"
     if one and four and one["audio_s_per_wall_s"] and four["audio_s_per_wall_s"]:
         ratio = four["audio_s_per_wall_s"] / one["audio_s_per_wall_s"]
-        out.append({"goal": goal, "value": ratio, "target": 1.8, "pass": ratio >= 1.8})
+        g4: dict[str, Any] = {"goal": goal, "value": ratio, "target": 1.8, "pass": ratio >= 1.8}
+        # window work (prefills, fine passes, EnCodec) costs about the sum of its requests
+        # however they are batched: with it alone, were every decode step free, the 4-client
+        # throughput could be at most this many times the 1-client one
+        window = sum(e["window_s"] for e in four.get("engine", []))
+        if window > 0:
+            g4["bound_if_decode_free"] = four["audio_s"] / window / one["audio_s_per_wall_s"]
+        out.append(g4)
     else:
         out.append({"goal": goal, "value": None, "pass": None, "why": "needs --clients 1 4"})
     naive = by_n.get(1, {}).get("naive")
@@ -410,6 +421,11 @@ def main() -> int:
         verdict = {True: "PASS", False: "FAIL", None: "NOT MEASURED"}[g["pass"]]
         value = "" if g["value"] is None else f": {g['value']:.2f} (target {g['target']})"
         note = f" ({g['why']})" if "why" in g else ""
+        if "bound_if_decode_free" in g:
+            note += (
+                f" (window work alone bounds it at {g['bound_if_decode_free']:.2f}x, were every"
+                " decode step free)"
+            )
         print(f"{verdict} {g['goal']}{value}{note}")
     failures = [
         f"N={n} {side}: {f}"

@@ -39,9 +39,9 @@ log = logging.getLogger(__name__)
 
 MAX_RETRIES = 2  # times a request is retried after its stage raised
 
-# (stage, requests in it, start, end): one stage step, times from time.perf_counter(). On CUDA
-# the times are the host's (kernels are queued, not waited for).
-StepObserver = Callable[[str, int, float, float], None]
+# (stage, requests in it, start, end, window): one stage step, times from time.perf_counter()
+# (on CUDA the host's: kernels are queued, not waited for); window: Stage.window after the step
+StepObserver = Callable[[str, int, float, float, bool], None]
 
 
 class Runtime:
@@ -176,7 +176,7 @@ class Runtime:
             ended = time.perf_counter()
             for observer in tuple(self.observers):
                 try:
-                    observer(name, batch, started, ended)
+                    observer(name, batch, started, ended, stage.window)
                 except Exception:  # a broken observer must not stop the engine
                     log.exception("step observer %r failed; removed", observer)
                     with contextlib.suppress(ValueError):

@@ -112,6 +112,9 @@ class Stage:
     """Common interface; see the module docstring."""
 
     name = "stage"
+    # whether the last step ran whole-window work (a prefill, a fine pass, an EnCodec decode:
+    # compute bound, so it costs about the sum of its requests) rather than decode steps only
+    window = False
 
     def __init__(self, slots: int) -> None:
         self.slots = _Slots(slots)
@@ -232,6 +235,7 @@ class SemanticStage(Stage):
         if decoding:
             self._decode(decoding)
         starting = [(i, r) for i, r in live if r.prefill]
+        self.window = bool(starting)
         if starting:
             self._prefill(starting)
         for _, r in live:
@@ -388,6 +392,7 @@ class CoarseStage(Stage):
         if decoding:
             self._decode(decoding)
         starting = [(i, r) for i, r in live if r.prefill]
+        self.window = bool(starting)
         if starting:
             self._prefill(starting)
         window_end = False
@@ -463,6 +468,7 @@ class FineStage(Stage):
     """Two codebooks -> eight, one codebook of one 1024-frame window per step."""
 
     name = "fine"
+    window = True
 
     def __init__(self, model: FineGPT, consts: BarkConstants, slots: int) -> None:
         super().__init__(slots)
@@ -555,6 +561,7 @@ class CodecStage(Stage):
     """
 
     name = "codec"
+    window = True
 
     def __init__(self, codec: torch.nn.Module, slots: int) -> None:
         super().__init__(slots)

@@ -1,8 +1,9 @@
 """A record of the engine's stage steps: where the time goes, for benchmarks and for operators.
 
-:class:`StepTrace` is a :data:`~.loop.StepObserver` (``runtime.observer = trace``) that keeps
-the last ``limit`` steps (stage, requests in the stage, start, end). It can summarise a time
-span (seconds per stage, mean batch, how much of the span some stage was stepping) and write
+:class:`StepTrace` is a :data:`~.loop.StepObserver` (``runtime.observers.append(trace)``) that
+keeps the last ``limit`` steps (stage, requests in the stage, start, end, window work or
+not). It can summarise a time span (seconds per stage, of them window work, mean batch, how
+much of the span some stage was stepping) and write
 the steps as a Chrome trace (the JSON that ``chrome://tracing`` and https://ui.perfetto.dev
 open), one track per stage.
 """
@@ -24,6 +25,7 @@ class Step:
     batch: int  # requests in the stage when it stepped
     start: float  # time.perf_counter() seconds
     end: float
+    window: bool = False  # whole-window work (see Stage.window), not decode steps only
 
 
 class StepTrace:
@@ -33,9 +35,9 @@ class StepTrace:
         self.steps: deque[Step] = deque(maxlen=limit)  # oldest dropped first
         self._lock = threading.Lock()
 
-    def __call__(self, stage: str, batch: int, start: float, end: float) -> None:
+    def __call__(self, stage: str, batch: int, start: float, end: float, window: bool) -> None:
         with self._lock:
-            self.steps.append(Step(stage, batch, start, end))
+            self.steps.append(Step(stage, batch, start, end, window))
 
     def between(self, start: float, end: float) -> list[Step]:
         """The steps that began in ``[start, end)``."""
@@ -43,8 +45,9 @@ class StepTrace:
             return [s for s in self.steps if start <= s.start < end]
 
     def summary(self, start: float, end: float) -> dict[str, Any]:
-        """Per stage: steps, seconds, mean batch; and ``busy``: the share of ``[start, end)``
-        during which some stage was stepping (1.0: the engine never waited)."""
+        """Per stage: steps, seconds, of them ``window_seconds``, mean batch; ``window_s``: all
+        stages' window seconds; ``busy``: the share of ``[start, end)`` during which some stage
+        was stepping (1.0: the engine never waited)."""
         steps = self.between(start, end)
         stages: dict[str, dict[str, float]] = {}
         for name in STAGES:
@@ -53,6 +56,7 @@ class StepTrace:
                 stages[name] = {
                     "steps": len(mine),
                     "seconds": sum(s.end - s.start for s in mine),
+                    "window_seconds": sum(s.end - s.start for s in mine if s.window),
                     "mean_batch": sum(s.batch for s in mine) / len(mine),
                 }
         # union of the step intervals (steps of different workers may overlap on a GPU)
@@ -63,7 +67,12 @@ class StepTrace:
                 covered += hi - lo
                 reach = hi
         span = end - start
-        return {"span_s": span, "busy": covered / span if span > 0 else 0.0, "stages": stages}
+        return {
+            "span_s": span,
+            "busy": covered / span if span > 0 else 0.0,
+            "window_s": sum(v["window_seconds"] for v in stages.values()),
+            "stages": stages,
+        }
 
     def chrome(self, path: str, start: float | None = None, end: float | None = None) -> int:
         """Write the steps in ``[start, end)`` (default: all) as a Chrome trace; returns how many."""
@@ -85,7 +94,7 @@ class StepTrace:
                     "tid": STAGES.index(s.stage) if s.stage in STAGES else len(STAGES),
                     "ts": (s.start - lo) * 1e6,
                     "dur": (s.end - s.start) * 1e6,
-                    "args": {"batch": s.batch},
+                    "args": {"batch": s.batch, "window": s.window},
                 }
             )
         with open(path, "w") as f:

@@ -139,7 +139,7 @@ class Metrics:
         ):
             r.add(m)
 
-    def step(self, stage: str, batch: int, start: float, end: float) -> None:
+    def step(self, stage: str, batch: int, start: float, end: float, window: bool) -> None:
         """A :data:`~stream_engine.runtime.loop.StepObserver` (called from worker threads)."""
         self.stage_seconds.inc(end - start, stage=stage)
         self.stage_steps.inc(stage=stage)
