@@ -494,13 +494,13 @@ class FineStage(Stage):
         if not items:
             return []
         L = self.c.max_fine_input_length
-        windows, books, plans = [], [], []
+        windows, books, fills = [], [], []
         for i, _ in items:
             buf, plan, (w, cb) = self.state[i]
-            start, _ = plan.windows[w]
+            start, fill = plan.windows[w]
             windows.append(buf[start : start + L])
             books.append(cb)
-            plans.append((plan, (w, cb)))
+            fills.append(fill - start)  # the window's first frame that gets new codes
         codes = torch.stack(windows)  # (B, L, 8)
         # rows predicting the same codebook share one embedding sum and one head
         groups: dict[int, list[int]] = {}
@@ -514,9 +514,9 @@ class FineStage(Stage):
         for cb, members in groups.items():
             idx = to_device(members, self.device)
             x[idx] = self.model.embed(codes[idx], cb)
-        # only frames from each window's fill point get new codes: the model computes the
-        # frames from the batch's earliest fill point; earlier logits stay 0, and unused
-        keep = min(plan.windows[w][1] - plan.windows[w][0] for plan, (w, _) in plans)
+        # the model computes the frames from the batch's earliest fill point; earlier logits
+        # stay 0, and unused
+        keep = min(fills)
         h = self.model.body(x, keep_from=keep)  # (B, L - keep, C)
         logits = torch.zeros((len(items), L, self.c.codebook_size), device=self.device)
         for cb, members in groups.items():
