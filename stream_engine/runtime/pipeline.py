@@ -58,7 +58,6 @@ class Pipeline:
         self._turn_of: tuple[str, ...] | None = None  # with cores: the group stepping now
         self._stop = False
         self._threads: list[threading.Thread] = []
-        self.batch_sizes: dict[str, int] = {}  # stage -> requests in its last step (metrics)
 
     def start(self) -> None:
         if self._threads:
@@ -148,8 +147,6 @@ class Pipeline:
                         self.cores.ran(group, urgent, started, time.perf_counter())
                         self._turn_of = None
                     rt.changed.notify_all()
-                for name in group:
-                    self.batch_sizes[name] = rt.stages[name].active
                 for req in final:
                     try:
                         self.on_final(req)

@@ -84,13 +84,12 @@ class Metrics:
                 lambda: {(("stage", n),): float(w) for n, (w, _) in rt.depths().items()},
             )
         )
+        self.last_batch = dict.fromkeys(STAGES, 0)  # stage -> requests in its last step
         r.add(
             Gauge(
                 "stream_engine_batch_size",
-                "Requests each stage held at its last step.",
-                lambda: {
-                    (("stage", n),): float(server.pipeline.batch_sizes.get(n, 0)) for n in STAGES
-                },
+                "Requests each stage stepped at its last step.",
+                lambda: {(("stage", n),): float(b) for n, b in self.last_batch.items()},
             )
         )
         self.ttfa = Histogram(
@@ -144,6 +143,7 @@ class Metrics:
         self.stage_seconds.inc(end - start, stage=stage)
         self.stage_steps.inc(stage=stage)
         self.stage_rows.inc(batch, stage=stage)
+        self.last_batch[stage] = batch
 
 
 class Server:

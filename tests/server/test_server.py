@@ -201,6 +201,7 @@ async def test_http_endpoints(server):
     }
     assert set(busy) == {"semantic", "coarse", "fine", "codec"} and min(busy.values()) > 0
     assert 'stream_engine_stage_steps_total{stage="codec"}' in body
+    assert 'stream_engine_batch_size{stage="codec"} 1' in body  # its last step: the one stream
     status, _, _ = await asyncio.to_thread(http_get, server, "/nope")
     assert status == 404
 
