@@ -1,6 +1,6 @@
 """Where a request's time goes, stage by stage, and how much batching can save of it.
 
-Runs the same sentences (``end_to_end.SENTENCES``, voice ``v2/en_speaker_6``, the random
+Runs the same sentences (``common.SENTENCES``, voice ``v2/en_speaker_6``, the random
 model's length rule) through the runtime twice: one request at a time, then all together in
 one batch. Each stage is stepped on its own, and each step is timed and filed as
 
@@ -28,8 +28,7 @@ import time
 from collections import defaultdict
 from typing import Any
 
-import torch
-from end_to_end import SENTENCES, clock, machine_info
+from common import SENTENCES, add_engine_args, clock, load_engine, machine_info, machine_line
 
 from stream_engine import Engine
 from stream_engine.config import GenerationOptions
@@ -69,18 +68,15 @@ def total(table: dict[str, dict[str, float]], kind: str | None = None) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="random:small")
-    ap.add_argument("--device", default="cpu")
+    add_engine_args(ap)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if not 1 < args.batch <= len(SENTENCES):
         ap.error(f"--batch must be in [2, {len(SENTENCES)}]")
-    engine = Engine.load(args.model, device=args.device)
-    dtype = next(engine.semantic_model.parameters()).dtype
-    info = machine_info(engine.device, dtype)
-    info["decode_kernel"] = engine.decode_kernel
-    print(f"model {args.model}; " + ", ".join(f"{k} {v}" for k, v in info.items()), flush=True)
+    engine = load_engine(args)
+    info = machine_info(engine)
+    print(f"model {args.model}; {machine_line(info)}", flush=True)
     texts = list(SENTENCES[: args.batch])
     run(engine, [texts[0]])  # warm-up (allocations, kernel selection), not counted
 
@@ -133,5 +129,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    torch.manual_seed(0)
     main()

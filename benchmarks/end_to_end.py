@@ -26,30 +26,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-import transformers
+from common import SENTENCES, add_engine_args, clock, load_engine, machine_info, machine_line
 
 from stream_engine import Engine
-from stream_engine.config import CPU_DECODE_KERNELS, EngineConfig, GenerationOptions
-
-# Eight different sentences of realistic length (2-5 s of speech each); batches cycle them.
-SENTENCES = (
-    "The train to the airport leaves every fifteen minutes from platform four.",
-    "Please remember to water the plants while I am away this weekend.",
-    "Scientists have found a new species of frog in the rainforest of Peru.",
-    "Could you send me the report before the meeting tomorrow morning?",
-    "The museum is closed on Mondays, but it stays open late on Fridays.",
-    "After the storm passed, the whole village came out to clear the roads.",
-    "My grandmother taught me how to bake bread when I was seven years old.",
-    "Turn left at the next corner and the library will be on your right.",
-)
+from stream_engine.config import GenerationOptions
 
 # transformers log lines (not Python warnings) that every batched BarkModel.generate call prints:
 # the sub-models get a generation_config plus kwargs, and the coarse model no attention mask.
@@ -68,33 +54,6 @@ class _DropKnownLines(logging.Filter):
 def quiet_known_transformers_logs() -> None:
     for handler in logging.getLogger("transformers").handlers:
         handler.addFilter(_DropKnownLines())
-
-
-def machine_info(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {
-        "cpu": cpu,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "device": str(device),
-        "dtype": str(dtype).removeprefix("torch."),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def clock(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def to_device(x: Any, device: torch.device) -> Any:
@@ -272,15 +231,7 @@ def bench_batch(
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--model", default="random:small")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument(
-        "--decode-kernel",
-        default="auto",
-        choices=CPU_DECODE_KERNELS,
-        help="EngineConfig.cpu_decode_kernel (CPU float32)",
-    )
-    ap.add_argument("--dtype", default=None, help="default: float32 on cpu, float16 on cuda")
+    add_engine_args(ap)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--semantic-tokens", type=int, default=150, help="per stream; 150 = 3 s")
     ap.add_argument("--voice", default="v2/en_speaker_6")
@@ -289,24 +240,16 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    torch.manual_seed(0)
-    engine = Engine.load(
-        args.model,
-        device=args.device,
-        dtype=args.dtype,
-        config=EngineConfig(cpu_decode_kernel=args.decode_kernel),
-    )
+    engine = load_engine(args)
     quiet_known_transformers_logs()
     if args.voice not in engine.voices:
         raise SystemExit(f"unknown voice {args.voice!r}; available: {sorted(engine.voices)}")
-    dtype = next(engine.loaded.model.parameters()).dtype
-    machine = machine_info(engine.device, dtype)
-    machine["decode_kernel"] = engine.decode_kernel
+    machine = machine_info(engine)
     reference = ReferenceMode()
     print(
         f"model {args.model}, {args.semantic_tokens} semantic tokens per stream, voice {args.voice}"
     )
-    print("machine " + ", ".join(f"{k} {v}" for k, v in machine.items()))
+    print(machine_line(machine))
 
     results = []
     for batch in args.batch:

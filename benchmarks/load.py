@@ -17,7 +17,7 @@ for each N (never at the same time): ours (``stream_engine.server.app.Server``) 
 baseline (``benchmarks/naive_server.py``: one ``BarkModel.generate`` call per sentence, one
 call at a time, with the same sampling settings and, on ``random:*`` models, the same
 semantic-token cap per text as our engine). Every client of a round gets a different paragraph
-(sentences cycle through ``end_to_end.SENTENCES``, or short ones with ``--short``), and
+(sentences cycle through ``common.SENTENCES``, or short ones with ``--short``), and
 each round (``--rounds``) other paragraphs; both servers get the same ones. With
 ``--early-audio`` a third side, ``early``, runs the same rounds on our server with clients that
 open their streams with ``early_audio`` (audio of a segment before it is generated whole).
@@ -46,13 +46,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-import torch
-from end_to_end import SENTENCES, machine_info
+from common import SENTENCES, add_engine_args, load_engine, machine_info, machine_line
 from naive_server import NaiveServer
 
 from stream_engine import Engine
 from stream_engine.client import Audio, Client
-from stream_engine.config import CPU_DECODE_KERNELS, EngineConfig, ServerConfig
+from stream_engine.config import ServerConfig
 from stream_engine.runtime.trace import StepTrace
 from stream_engine.server.app import Server
 
@@ -353,15 +352,7 @@ async def bench(args: argparse.Namespace, engine: Engine) -> dict[int, dict[str,
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--model", default="random:small")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument(
-        "--decode-kernel",
-        default="auto",
-        choices=CPU_DECODE_KERNELS,
-        help="EngineConfig.cpu_decode_kernel (CPU float32)",
-    )
-    ap.add_argument("--dtype", default=None, help="default: float32 on cpu, float16 on cuda")
+    add_engine_args(ap)
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--sentences", type=int, default=3, help="sentences per paragraph")
     ap.add_argument("--short", action="store_true", help="short sentences (~1 s): smoke runs")
@@ -395,23 +386,15 @@ def main() -> int:
     voice = None if args.voice.lower() == "none" else args.voice
     args.voice = voice
 
-    torch.manual_seed(0)
-    engine = Engine.load(
-        args.model,
-        device=args.device,
-        dtype=args.dtype,
-        config=EngineConfig(cpu_decode_kernel=args.decode_kernel),
-    )
+    engine = load_engine(args)
     if voice is not None and voice not in engine.voices:
         ap.error(f"unknown voice {voice!r}; available: {sorted(engine.voices)}")
-    dtype = next(engine.loaded.model.parameters()).dtype
-    machine = machine_info(engine.device, dtype)
-    machine["decode_kernel"] = engine.decode_kernel
+    machine = machine_info(engine)
     print(
         f"model {args.model}, clients {args.clients}, {args.sentences} sentence(s) per "
         f"paragraph, voice {voice}, piece delay {args.piece_delay} s, rounds {args.rounds}"
     )
-    print("machine " + ", ".join(f"{k} {v}" for k, v in machine.items()))
+    print(machine_line(machine))
 
     by_n = asyncio.run(bench(args, engine))
 

@@ -63,7 +63,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from end_to_end import machine_info
+from common import machine_info, machine_line
 from websockets.exceptions import ConnectionClosed
 
 from stream_engine import Engine
@@ -759,8 +759,7 @@ async def _main(args: argparse.Namespace, cfg: SoakConfig) -> SoakReport:
         ),
         ProtocolLimits(max_streams=max(8, cfg.streams)),
     )
-    dtype = next(engine.loaded.model.parameters()).dtype
-    print("machine " + ", ".join(f"{k} {v}" for k, v in machine_info(engine.device, dtype).items()))
+    print(machine_line(machine_info(engine)))
     await server.start()
     try:
         return await run_soak(server, cfg)

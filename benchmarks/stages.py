@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
 
 import torch
-
-from stream_engine import Engine
-from stream_engine.config import CPU_DECODE_KERNELS, EngineConfig
+from common import add_engine_args, load_engine, machine_info, machine_line
 
 DEVICE = torch.device("cpu")  # set by main()
 
@@ -110,38 +107,20 @@ def fine_and_codec(engine, batch: int = 1) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="random:small")
+    add_engine_args(ap)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument(
         "--repeats", type=int, default=3, help="semantic/coarse: repeats (medians reported)"
     )
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument(
-        "--decode-kernel",
-        default="auto",
-        choices=CPU_DECODE_KERNELS,
-        help="EngineConfig.cpu_decode_kernel (CPU float32)",
-    )
-    ap.add_argument("--dtype", default=None, help="default: float32 on cpu, float16 on cuda")
     ap.add_argument("--fine-batch", type=int, default=8, help="fine/codec batch besides 1")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    torch.manual_seed(0)
-    engine = Engine.load(
-        args.model,
-        device=args.device,
-        dtype=args.dtype,
-        config=EngineConfig(cpu_decode_kernel=args.decode_kernel),
-    )
+    engine = load_engine(args)
     global DEVICE
     DEVICE = engine.device
     hf = engine.loaded.model
-    dtype = str(next(hf.parameters()).dtype).removeprefix("torch.")
-    machine = f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}"
-    machine += f", decode kernel {engine.decode_kernel}"
+    machine = machine_info(engine)
     cmd = "benchmarks/stages.py " + " ".join(sys.argv[1:])
-    if DEVICE.type == "cuda":
-        machine += f", {torch.cuda.get_device_name(DEVICE)}"
     rows = {}
     for name, ours, ref, prompt in (
         ("semantic", engine.semantic_model, hf.semantic, 257),
@@ -165,7 +144,8 @@ def main() -> None:
             "ours_b8_ms_per_step": b8,
             "b8_over_b1_tokens_per_s": (8 / b8) / (1 / b1),
         }
-    print(f"model {args.model} on {machine}, {DEVICE} {dtype}")
+    print(f"model {args.model}")
+    print(machine_line(machine))
     print(
         f"{'stage':10} {'ref ms/tok':>10} {'ours b1':>8} {'ratio':>6} {'ours b8/step':>12} {'b8/b1 tok/s':>11}"
     )
@@ -189,8 +169,6 @@ def main() -> None:
                 "command": cmd,
                 "model": args.model,
                 "machine": machine,
-                "device": str(DEVICE),
-                "dtype": dtype,
                 "stages": rows,
                 **other,
             }

@@ -1,0 +1,114 @@
+"""The benchmark scripts run, compare with the reference, and write what they measured.
+
+Each script runs as a user runs it (a subprocess, from the repository root) on ``random:tiny``
+with the smallest work it accepts; the JSON it writes must hold both sides' figures and say the
+two sides did the same work. The figures themselves are not judged: on a tiny model they mean
+nothing, and speed goals live in the benchmarks, not in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(name: str, out: Path, *args: str, timeout: float = 300) -> dict[str, Any]:
+    cmd = [sys.executable, f"benchmarks/{name}", "--model", "random:tiny", *args]
+    proc = subprocess.run(
+        [*cmd, "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, f"{name} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    assert "machine " in proc.stdout  # every script says where it ran
+    record = json.loads(out.read_text())
+    assert record["machine"]["decode_kernel"] in ("avx2", "onednn", "mkl")
+    assert record["machine"]["device"] == "cpu"
+    return record
+
+
+def positive(*values: float) -> bool:
+    return all(isinstance(v, float | int) and v > 0 for v in values)
+
+
+def test_end_to_end(tmp_path):
+    rec = run_script(
+        "end_to_end.py", tmp_path / "e2e.json", "--batch", "1", "2", "--semantic-tokens", "12",
+        "--repeats", "1", "--warmup", "0",
+    )  # fmt: skip
+    assert [r["batch"] for r in rec["results"]] == [1, 2]
+    for r in rec["results"]:
+        assert r["work_matches"], r  # same semantic tokens, frames and samples on both sides
+        assert r["ours"]["lengths"]["semantic"] == [12] * r["batch"]
+        assert positive(r["ours"]["wall_s"], r["reference"]["wall_s"], r["speedup"])
+        assert r["ours"]["audio_s"] == pytest.approx(r["reference"]["audio_s"])
+
+
+def test_stages(tmp_path):
+    rec = run_script(
+        "stages.py", tmp_path / "stages.json", "--tokens", "4", "--repeats", "1",
+        "--fine-batch", "2",
+    )  # fmt: skip
+    for stage in ("semantic", "coarse"):
+        row = rec["stages"][stage]
+        assert len(row["repeats_ms"]) == 1
+        assert positive(
+            row["reference_ms_per_token"], row["ours_b1_ms_per_token"], row["ours_b8_ms_per_step"]
+        )
+    for side in ("ours", "reference"):
+        assert positive(
+            rec[f"fine_{side}_ms_per_window"],
+            rec[f"fine_{side}_b2_ms_per_window"],
+            rec[f"codec_{side}_ms_per_audio_s"],
+        )
+
+
+def test_breakdown(tmp_path):
+    rec = run_script("breakdown.py", tmp_path / "breakdown.json", "--batch", "2")
+    assert len(rec["texts"]) == 2
+    for table in (rec["one_by_one_s"], rec["batch_s"]):
+        assert set(table) == {"semantic", "coarse", "fine", "codec"}
+    assert 0 < rec["window_share_one_by_one"] < 1
+    assert positive(rec["wall_one_by_one_s"], rec["wall_batch_s"])
+
+
+def test_load_against_the_naive_server(tmp_path):
+    rec = run_script(
+        "load.py", tmp_path / "load.json", "--clients", "1", "4", "--sentences", "2", "--short",
+        "--warmup", "0", "--naive-max-clients", "1", "--trace", str(tmp_path / "trace"),
+    )  # fmt: skip
+    sides = {n: set(v) for n, v in rec["results"].items()}
+    assert sides == {"1": {"ours", "naive"}, "4": {"ours"}}
+    for n, by_side in rec["results"].items():
+        for side, r in by_side.items():
+            assert r["failures"] == [] and r["protocol_errors"] == 0, (n, side, r["failures"])
+            assert r["done"] == r["streams"] == int(n)
+            assert positive(r["ttfa_p50_s"], r["audio_s"], r["audio_s_per_wall_s"])
+    engine = rec["results"]["4"]["ours"]["engine"][0]
+    assert 0 < engine["busy"] <= 1
+    assert engine["stages"]["semantic"]["mean_batch"] >= 1
+    # both goals are computed from this run (pass or fail is the benchmark's business)
+    assert [g["value"] is not None for g in rec["goals"]] == [True, True]
+    traces = sorted(p.name for p in tmp_path.glob("trace*.json"))
+    assert len(traces) == 2, traces  # one Chrome trace per round of our server
+    assert json.loads((tmp_path / traces[0]).read_text())["traceEvents"]
+
+
+def test_decode_steps(tmp_path):
+    rec = run_script(
+        "decode_steps.py", tmp_path / "steps.json", "--stage", "coarse", "--rows", "1", "3",
+        "--kv", "8", "40", "--steps", "2", "--repeats", "1",
+    )  # fmt: skip
+    cells = [(r["kv"], r["rows"]) for r in rec["results"]]
+    assert cells == [(8, 1), (8, 3), (40, 1), (40, 3)]
+    by_cell = {(r["kv"], r["rows"]): r for r in rec["results"]}
+    assert all(positive(r["ms_per_step"], r["gb_per_s"]) for r in rec["results"])
+    assert by_cell[8, 1]["vs_fewest_rows"] == 1.0
+    # the bytes a step reads: the same weights, plus a cache that grows with rows and length
+    assert by_cell[40, 3]["mb_read"] > by_cell[40, 1]["mb_read"] > by_cell[8, 1]["mb_read"]
+    assert by_cell[8, 1]["mb_read"] > rec["weights_mb"]
