@@ -103,6 +103,7 @@ class Engine:
                 "codec": CodecStage(hf.codec_model, config.codec_batch),
             },
             max_queue=config.max_queue,
+            semantic_rate_hz=self.consts.semantic_rate_hz,
         )
 
     # -- loading --------------------------------------------------------------------------

@@ -12,6 +12,9 @@ only for bookkeeping, never while a stage computes. A stage's own state is touch
 thread that steps it: ``cancel`` (any thread) takes a request out of the queues at once and
 asks the stages holding it to drop it at their next step boundary.
 
+Order: every stage admits the waiting requests whose audio a listener needs first
+(:meth:`Runtime.due`, the scheduler's earliest-due-first policy).
+
 Voice continuity: a request may name the previous segment of its stream (``Request.after``).
 It enters a stage only after that segment has left the stage, and its prompt for the stage is
 then continued with that segment's tokens. Cancelling or failing a request cancels or fails
@@ -46,11 +49,16 @@ StepObserver = Callable[[str, int, float, float, bool], None]
 
 class Runtime:
     def __init__(
-        self, stages: Mapping[str, Stage], scheduler: Scheduler | None = None, max_queue: int = 256
+        self,
+        stages: Mapping[str, Stage],
+        scheduler: Scheduler | None = None,
+        max_queue: int = 256,
+        semantic_rate_hz: float = 49.9,
     ) -> None:
         self.stages = dict(stages)
         self.scheduler = scheduler or Scheduler()
         self.max_queue = max_queue
+        self.semantic_rate_hz = semantic_rate_hz  # semantic tokens per second of audio
         self.requests: dict[int, Request] = {}  # every request not yet final
         self.queues: dict[str, list[Request]] = {name: [] for name in STAGES}
         self.removals: dict[str, list[Request]] = {name: [] for name in STAGES}
@@ -150,7 +158,10 @@ class Runtime:
                 for n in names
             }
             waiting = {
-                n: [Ticket(r.id, r.id, self._ready(r, n), r.solo) for r in self.queues[n]]
+                n: [
+                    Ticket(r.id, r.id, due=self.due(r), ready=self._ready(r, n), solo=r.solo)
+                    for r in self.queues[n]
+                ]
                 for n in names
             }
             plan = self.scheduler.plan(waiting, states)
@@ -255,6 +266,31 @@ class Runtime:
         return final
 
     # -- bookkeeping (with ``changed`` held) ----------------------------------------------
+
+    def due(self, req: Request) -> float:
+        """When a listener needs ``req``'s audio (``time.perf_counter()`` seconds).
+
+        A stream's first segment is due when it arrived. A segment that continues another is
+        due when that one's audio would end if it had started on time: its due time plus its
+        length (semantic tokens / :attr:`semantic_rate_hz`), and never before it arrived
+        itself. The length is known once the segment before has left the semantic stage,
+        which is also when this one becomes ready to enter it; until then its arrival stands
+        in (it is not ready, so it is not admitted anywhere). A preview is due at once: a
+        listener waits for it (see :meth:`Request.preview`).
+        """
+        if req.preview_of is not None:
+            req.due = float("-inf")
+        if req.due is not None:
+            return req.due
+        prev = req.after
+        if prev is None:
+            req.due = req.submitted_at
+        elif prev.completed > 0 or prev.status.final:
+            audio_s = len(prev.semantic) / self.semantic_rate_hz
+            req.due = max(req.submitted_at, self.due(prev) + audio_s)
+        else:
+            return req.submitted_at
+        return req.due
 
     @staticmethod
     def _ready(req: Request, stage: str) -> bool:

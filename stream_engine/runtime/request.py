@@ -81,6 +81,9 @@ class Request:
     # stage -> (start, end) in time.perf_counter() seconds, for traces and metrics
     trace: dict[str, list[float]] = field(default_factory=dict)
     submitted_at: float = field(default_factory=time.perf_counter)
+    # when a listener needs this segment's audio (time.perf_counter() seconds), set by the
+    # runtime once the segment before it has its semantic tokens (Runtime.due)
+    due: float | None = None
 
     def preview(self, coarse: np.ndarray) -> Request:
         """A preview of this segment from its first coarse frames ``coarse`` (2, T).

@@ -6,8 +6,14 @@ Pure: no torch, no asyncio, no clocks. The engine loop describes the stages as
 
 Policy:
 
-* Each stage admits waiting requests in ticket order (oldest first; a stream's segments get
-  increasing tickets, so they pass through every stage in order) while it has free slots.
+* Each stage admits waiting requests earliest *due* first (ties: oldest first) while it has
+  free slots. A ticket's due time is when a listener will want its audio, as the runtime
+  reckons it: for a stream's first segment, when it arrived; for a later one, when the audio
+  before it would run out if playback had started on time (never before it arrived). So
+  every stream's first segment goes before the later segments of streams that are already
+  speaking, unless those would fall silent first: earliest deadline first, which for single
+  requests is plain arrival order. A stream's segments get increasing due times, so they pass
+  through every stage in order.
   A ticket that is not *ready* (its stream's previous segment has not yet left this stage, and
   this segment is conditioned on that segment's tokens) is passed over without blocking the
   tickets behind it.
@@ -37,7 +43,8 @@ class Ticket:
     """A request waiting to enter a stage."""
 
     request_id: int  # the runtime's id for the request
-    order: int  # global arrival order: lower goes first
+    order: int  # global arrival order: among equal due times, lower goes first
+    due: float = 0.0  # when a listener needs its audio (seconds, the runtime's clock): lower first
     ready: bool = True  # False while the request waits for its predecessor in the stream
     solo: bool = False  # must run alone in the stage (a retry after its batch failed)
 
@@ -64,7 +71,7 @@ class Plan:
 
 
 class Scheduler:
-    """FIFO admission into bounded stages; downstream-first execution."""
+    """Earliest-due-first admission into bounded stages; downstream-first execution."""
 
     def plan(self, waiting: dict[str, list[Ticket]], stages: dict[str, StageState]) -> Plan:
         """Plan the stages named in ``stages`` (a worker may own only some of them)."""
@@ -73,7 +80,8 @@ class Scheduler:
             if name not in stages:
                 continue
             state = stages[name]
-            queue = sorted((t for t in waiting.get(name, []) if t.ready), key=lambda t: t.order)
+            ready = (t for t in waiting.get(name, []) if t.ready)
+            queue = sorted(ready, key=lambda t: (t.due, t.order))
             plan.admit[name] = self._admit(queue, state)
             if state.active + len(plan.admit[name]) > 0:
                 plan.run.append(name)

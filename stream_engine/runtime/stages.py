@@ -108,6 +108,11 @@ class _Params:
         return RowParams(p.temperature[idx], p.top_k[idx], p.top_p[idx], p.greedy[idx], p.seed[idx])
 
 
+def _due(req: Request) -> float:
+    """``req.due`` where the runtime has set it (see Runtime.due), else its arrival."""
+    return req.submitted_at if req.due is None else req.due
+
+
 class Stage:
     """Common interface; see the module docstring."""
 
@@ -582,7 +587,8 @@ class CodecStage(Stage):
         items = self.slots.items()
         if not items:
             return []
-        i, r = min(items, key=lambda item: item[1].req.id)  # oldest first: a stream stays in order
+        # the one due first, as the scheduler admits them (Runtime.due; a stream stays in order)
+        i, r = min(items, key=lambda item: (_due(item[1].req), item[1].req.id))
         assert r.req.fine is not None
         r.req.mark(self.name)
         r.req.audio = self.decode(r.req.fine)

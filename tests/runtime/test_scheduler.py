@@ -19,6 +19,14 @@ def test_admits_oldest_first_up_to_free_slots():
     assert plan.run == ["semantic"]
 
 
+def test_admits_earliest_due_first_then_oldest():
+    waiting = {"fine": [Ticket(1, 1, due=7.0), Ticket(2, 2, due=3.0), Ticket(3, 3, due=3.0)]}
+    plan = Scheduler().plan(waiting, states(fine=(2, 0)))
+    assert plan.admit["fine"] == [2, 3]
+    waiting = {"fine": [Ticket(-5, -5, due=float("-inf")), *waiting["fine"]]}
+    assert Scheduler().plan(waiting, states(fine=(1, 0))).admit["fine"] == [-5]
+
+
 def test_runs_downstream_first_and_skips_idle_stages():
     plan = Scheduler().plan({}, states(semantic=(1, 3), fine=(0, 2), codec=(4, 1)))
     assert plan.run == ["codec", "fine", "semantic"]
