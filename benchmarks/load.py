@@ -278,6 +278,18 @@ def goals(by_n: dict[int, dict[str, dict[str, Any]]], sentences: int) -> list[di
         window = sum(e["window_s"] for e in four.get("engine", []))
         if window > 0:
             g4["bound_if_decode_free"] = four["audio_s"] / window / one["audio_s_per_wall_s"]
+        # the same window work takes the same time at any load (it is not shared), so its
+        # seconds per audio second in each round say how fast the machine ran then: this
+        # 2-core machine drifts by 20-40% between hours, and a ratio of two rounds that ran at
+        # different speeds measures the drift as much as the server
+        window_one = sum(e["window_s"] for e in one.get("engine", []))
+        if window > 0 and window_one > 0:
+            per_audio = {"1": window_one / one["audio_s"], "4": window / four["audio_s"]}
+            speed = per_audio["1"] / per_audio["4"]  # > 1: the 4-client round ran faster
+            g4["window_s_per_audio_s"] = per_audio
+            g4["speed_4_over_1"] = speed
+            g4["value_at_equal_speed"] = ratio / speed
+            g4["bound_at_equal_speed"] = g4["bound_if_decode_free"] / speed
         out.append(g4)
     else:
         out.append({"goal": goal, "value": None, "pass": None, "why": "needs --clients 1 4"})
@@ -410,6 +422,15 @@ def main() -> int:
                 " decode step free)"
             )
         print(f"{verdict} {g['goal']}{value}{note}")
+        speed = g.get("speed_4_over_1")
+        if speed is not None and abs(speed - 1) > 0.1:
+            w = g["window_s_per_audio_s"]
+            print(
+                f"  WARNING the rounds ran at different machine speeds: window work took "
+                f"{w['1']:.2f} s per audio second at 1 client, {w['4']:.2f} at 4 (the same work); "
+                f"at equal speed the ratio would be about {g['value_at_equal_speed']:.2f}x "
+                f"and the bound {g['bound_at_equal_speed']:.2f}x"
+            )
     failures = [
         f"N={n} {side}: {f}"
         for n, sides in by_n.items()

@@ -94,6 +94,9 @@ def test_load_against_the_naive_server(tmp_path):
     assert engine["stages"]["semantic"]["mean_batch"] >= 1
     # both goals are computed from this run (pass or fail is the benchmark's business)
     assert [g["value"] is not None for g in rec["goals"]] == [True, True]
+    # and the 4-client ratio comes with the machine's speed in each round (window work)
+    four = rec["goals"][0]
+    assert four["value_at_equal_speed"] == pytest.approx(four["value"] / four["speed_4_over_1"])
     traces = sorted(p.name for p in tmp_path.glob("trace*.json"))
     assert len(traces) == 2, traces  # one Chrome trace per round of our server
     assert json.loads((tmp_path / traces[0]).read_text())["traceEvents"]
