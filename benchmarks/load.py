@@ -27,6 +27,10 @@ Goals (printed as PASS/FAIL, computed from this run):
 * our throughput at 4 clients >= 1.8x our throughput at 1 client;
 * our TTFA (p50) at 1 client, 3-sentence paragraph, <= 0.5x the naive server's.
 
+The 4-client line also says how fast the machine ran in each round (window work per audio
+second, which batching does not change) and the ratio at equal speed, with a warning when the
+two rounds ran more than 10% apart.
+
 Usage:
     python benchmarks/load.py --model random:small --clients 1 4 16 --sentences 3 \\
         [--rounds 1] [--warmup 1] [--out benchmarks/results/load-cpu-random-small.json]

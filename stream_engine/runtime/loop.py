@@ -276,7 +276,8 @@ class Runtime:
         itself. The length is known once the segment before has left the semantic stage,
         which is also when this one becomes ready to enter it; until then its arrival stands
         in (it is not ready, so it is not admitted anywhere). A preview is due at once: a
-        listener waits for it (see :meth:`Request.preview`).
+        listener waits for it (see :meth:`Request.preview`). A segment that names no previous
+        one (``ServerConfig.continuity`` off) is due when it arrived, like a first segment.
         """
         if req.preview_of is not None:
             req.due = float("-inf")
