@@ -81,8 +81,9 @@ class Request:
     # stage -> (start, end) in time.perf_counter() seconds, for traces and metrics
     trace: dict[str, list[float]] = field(default_factory=dict)
     submitted_at: float = field(default_factory=time.perf_counter)
-    # when a listener needs this segment's audio (time.perf_counter() seconds), set by the
-    # runtime once the segment before it has its semantic tokens (Runtime.due)
+    # when a listener needs this segment's audio (time.perf_counter() seconds), set by
+    # Runtime.due: for a first segment at once, for a later one once the segment before it
+    # has its semantic tokens
     due: float | None = None
 
     def preview(self, coarse: np.ndarray) -> Request:
