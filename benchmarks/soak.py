@@ -429,7 +429,7 @@ def _metrics(port: int) -> dict[str, float]:
 
 async def server_state(server: Server) -> dict[str, Any]:
     metrics = await asyncio.to_thread(_metrics, server.port)
-    rt = server.engine.runtime
+    rt = server.service.engine.runtime
     with rt.changed:
         state = {
             "active_streams": metrics.get("stream_engine_active_streams"),
@@ -442,8 +442,8 @@ async def server_state(server: Server) -> dict[str, Any]:
             "queued": sum(len(q) for q in rt.queues.values()),
             "removals": sum(len(q) for q in rt.removals.values()),
             "stage_active": {n: s.active for n, s in rt.stages.items()},
-            "jobs": sum(len(c.jobs) for c in server.connections),
-            "owners": len(server.owners),
+            "jobs": sum(len(c.jobs) for c in server.service.connections),
+            "owners": len(server.service.owners),
         }
     return state
 
@@ -704,9 +704,9 @@ async def run_soak(server: Server, config: SoakConfig, log: Any = print) -> Soak
     await asyncio.gather(*(c.client.close() for c in ctx.conns.values()), return_exceptions=True)
     await asyncio.gather(*(c.reader for c in ctx.conns.values()), return_exceptions=True)
     deadline = time.monotonic() + cfg.end_timeout
-    while server.connections and time.monotonic() < deadline:
+    while server.service.connections and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
-    state["connections_after_close"] = len(server.connections)
+    state["connections_after_close"] = len(server.service.connections)
     report.server_after = state
     report.wall_s = time.monotonic() - t_start
     judge(report)

@@ -122,22 +122,31 @@ class ServerConfig:
 
     host: str = "127.0.0.1"
     port: int = 8765  # 0 picks a free port (tests)
-    max_connections: int = 64  # open WebSocket connections, all clients together
-    max_connections_per_ip: int = 16  # open connections from one client address
+    max_connections: int = 64  # WebSocket connections and speech requests open at once, in all
+    # open WebSocket connections from one client address (None: no limit; a game server or a
+    # proxy carries many players' connections from one address)
+    max_connections_per_ip: int | None = None
+    # proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (uvicorn's
+    # forwarded_allow_ips: addresses, networks, or "*"); empty: none, the peer is the client
+    forwarded_allow_ips: tuple[str, ...] = ()
     max_message_bytes: int = 64 * 1024  # larger client frames close the connection with 1009
     max_unsent_bytes: int = 8 * 1024 * 1024  # audio queued for a client that does not read
-    token: str | None = None  # bearer token required by /v1/tts (header or ?token=)
+    token: str | None = None  # bearer token for /v1/* (Authorization header; /v1/tts: ?token=)
     allowed_origins: tuple[str, ...] | None = None  # browser Origins allowed; None: any
     shutdown_timeout_s: float = 10.0  # on SIGTERM: time streams get to finish
     continuity: bool = True  # condition each segment on the previous one's tokens
     # early audio (streams that ask for it): a preview at the first coarse window's end, then
     # one per this many new coarse frames (75 = 1 s of audio); each costs a fine and a codec pass
     early_audio_frames: int = 75
+    voices_dir: str | None = None  # users' voices (NAME.npz), loaded, added and deleted here
+    # other names for voices, for the speech endpoint: (("alloy", "v2/en_speaker_6"), ...)
+    voice_aliases: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         _integer("port", self.port, 0, 65535)
-        for name in ("max_connections", "max_connections_per_ip"):
-            _integer(name, getattr(self, name), 1, 1_000_000)
+        _integer("max_connections", self.max_connections, 1, 1_000_000)
+        if self.max_connections_per_ip is not None:
+            _integer("max_connections_per_ip", self.max_connections_per_ip, 1, 1_000_000)
         _integer("max_message_bytes", self.max_message_bytes, 1024, 64 * 1024 * 1024)
         _integer("max_unsent_bytes", self.max_unsent_bytes, 64 * 1024, 1024 * 1024 * 1024)
         _number("shutdown_timeout_s", self.shutdown_timeout_s, 0.0, 3600.0)

@@ -186,11 +186,13 @@ class Engine:
     def request(
         self,
         text: str,
-        voice: str | None = None,
+        voice: str | VoicePrompt | None = None,
         options: GenerationOptions | None = None,
         after: Request | None = None,
     ) -> Request:
         """Validate and build a request (not yet submitted). Raises on bad input.
+
+        ``voice``: a preset's name, or a voice prompt itself (e.g. one a user brought).
 
         ``after``: the previous segment of the same stream; this one is then conditioned on its
         tokens as well as on the voice preset (voice continuity across sentences).
@@ -205,7 +207,7 @@ class Engine:
             cap = random_model_semantic_tokens(text, self.consts)
         else:
             cap = self.consts.max_new_semantic_tokens
-        preset = self.voice(voice)
+        preset = voice if isinstance(voice, VoicePrompt) else self.voice(voice)
         return Request(next(self._ids), text, ids, options, preset, cap, after=after, preset=preset)
 
     @torch.inference_mode()

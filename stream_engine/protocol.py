@@ -32,7 +32,7 @@ import json
 import math
 import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -279,7 +279,7 @@ class Session:
         self,
         *,
         model: str,
-        voices: Sequence[str],
+        voices: Collection[str],
         sample_rate: int = 24_000,
         formats: Sequence[str] = FORMATS,
         limits: ProtocolLimits | None = None,
@@ -288,8 +288,8 @@ class Session:
         if unknown:
             raise InvalidOption(f"unknown format(s) {unknown}; known: {list(FORMATS)}")
         self.model = model
-        self.voices: tuple[str, ...] = tuple(voices)
-        self._voice_set = frozenset(self.voices)
+        self.voices: tuple[str, ...] = tuple(sorted(voices))  # as the hello lists them
+        self._voices = voices  # checked when a stream opens: a live collection may grow
         self.sample_rate = sample_rate
         self.formats: tuple[str, ...] = tuple(formats)
         self.limits = limits if limits is not None else ProtocolLimits()
@@ -300,6 +300,7 @@ class Session:
         self._by_number: dict[int, _Stream] = {}
         self._last_number = 0  # stream numbers are 1, 2, 3, ... and never reused
         self._outbox: list[str | bytes] = []
+        self._errors: list[str] = []  # codes of the error messages queued, not yet taken
         self._closed = False
         self._send(
             {
@@ -333,6 +334,20 @@ class Session:
         """Take everything queued for the client: JSON text frames (str), binary frames (bytes)."""
         out, self._outbox = self._outbox, []
         return out
+
+    def take_errors(self) -> list[str]:
+        """The codes of the ``error`` messages queued since the last call (for metrics)."""
+        out, self._errors = self._errors, []
+        return out
+
+    def refuse(self, exc: BaseException) -> None:
+        """The server will not serve this connection: one ``error`` (``id`` null) replaces the
+        hello, and the session closes. The driver sends it, then closes the connection."""
+        if self._by_number or self._closed:
+            raise InternalError("refuse() is for a new session")
+        self._outbox.clear()
+        self.connection_error(exc)
+        self._closed = True
 
     def close(self) -> list[Event]:
         """The connection is gone: close every stream; the driver stops each job."""
@@ -466,7 +481,7 @@ class Session:
         if voice is not None:
             if not isinstance(voice, str):
                 raise InvalidRequest("voice must be a string or null")
-            if voice not in self._voice_set:
+            if voice not in self._voices:
                 raise UnknownVoice(f"unknown voice {_short_repr(voice)}; see hello.voices")
         fmt = msg.get("format")
         fmt = DEFAULT_FORMAT if fmt is None else fmt
@@ -700,4 +715,6 @@ class Session:
             self._outbox.append(_dumps(message))
 
     def _send_error(self, sid: StreamId | None, code: str, message: str) -> None:
+        if not self._closed:
+            self._errors.append(code)
         self._send({"type": "error", "id": sid, "code": code, "message": _clip(message)})

@@ -315,7 +315,7 @@ async def test_say_stdin_speaks_as_the_text_arrives(server, tmp_path):
         proc.stdin.write(b"Hello from standard input, one sentence at a time. ")
         await proc.stdin.drain()
         deadline = time.monotonic() + 240
-        while not any(j.sent for c in server.connections for j in c.jobs.values()):
+        while not any(j.sent for c in server.service.connections for j in c.jobs.values()):
             assert time.monotonic() < deadline, "no audio before the end of the input"
             await asyncio.sleep(0.05)
         # the last two writes split the UTF-8 of "é"
@@ -348,7 +348,9 @@ async def test_say_early_audio_writes_the_same_length(server, tmp_path):
         assert rc == 0, stderr
         lengths.append(len(read_wav(out)[0]))
     assert lengths[0] == lengths[1] > 0
-    assert server.metrics.previews.values[()] >= 1  # the second run used previews
+    assert (
+        server.service.metrics.value("stream_engine_previews_total") >= 1
+    )  # the second run used previews
 
 
 async def test_say_text_errors_and_exit_codes(server, tmp_path):

@@ -17,6 +17,18 @@ factor) that each make a whole number of output samples: a block's outputs are i
 ``B + 2 * pad`` inputs times a precomputed ``(B + 2 * pad) x outputs_per_block`` matrix. Blocks
 sit at fixed positions from the start of the segment and each is its own vector-matrix
 product, so how the input is chunked does not change the output (bit for bit, in practice).
+
+Why not python-soxr's ``ResampleStream``? It was measured against these guarantees (soxr 1.1.0,
+libsoxr 0.1.3, 24 kHz to 8/12/16/22.05/48 kHz). It is aligned (no measurable delay: libsoxr
+hides its start-up delay, and ``last=True`` returns the tail) and chunk invariant (bit for bit).
+It is 2-4x faster. Its stopband is deeper (about 131 dB at "HQ"). But a segment comes out as
+about ``round``, not ``ceil``, of ``N * target / source`` samples, which a wrapper could fix.
+What a wrapper cannot fix is the latency: a streaming call holds back 878-1853 input samples at
+"HQ" and 890-3697 at "VHQ", against 313-516 here, and python-soxr does not expose libsoxr's
+runtime settings (the DFT block size) that set it. "MQ" holds back about as much, and "LQ"
+(480-960) loses 7.8 dB at 85 % of the Nyquist frequency. At "HQ" the gain at 22.05 kHz also
+droops by 0.007 dB at 90 % of the Nyquist frequency, which fails the phase test's 2e-4
+tolerance at 85 %.
 """
 
 from __future__ import annotations

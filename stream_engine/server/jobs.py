@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from ..audio.encoders import Encoder
 from ..audio.splice import Splicer
+from ..bark.prompts import VoicePrompt
 from ..config import GenerationOptions
 from ..engine import Engine
 from ..errors import InternalError
@@ -36,6 +37,7 @@ class JobStats:
 class Job:
     spec: StreamSpec
     engine: Engine
+    voice: VoicePrompt | None  # the prompt of spec.voice, looked up when the stream opened
     session: Session
     submit: Callable[[Job, Request], None]  # hands a request to the engine's pipeline
     cancel: Callable[[int], bool]  # takes one out
@@ -94,7 +96,7 @@ class Job:
             index = self.created
             options = self._options(index)
             after = self.last if self.continuity else None
-            req = self.engine.request(text, self.spec.voice, options, after=after)
+            req = self.engine.request(text, self.voice, options, after=after)
             if self.spec.early_audio and self.sent == self.created and self.preview_frames:
                 # every earlier segment has gone out: the listener will wait for this one
                 req.preview_frames = self.preview_frames

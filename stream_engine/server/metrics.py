@@ -1,109 +1,142 @@
-"""Server metrics in the Prometheus text exposition format (``GET /metrics``).
+"""The server's metrics, defined once, exposed through ``prometheus_client`` (``GET /metrics``).
 
-Counters, gauges and histograms with optional labels, kept in plain Python objects and
-rendered on demand. Updated from the event loop only (the server hands worker results to the
-loop before recording them), so no locking is needed.
+Each :class:`Metrics` has its own ``CollectorRegistry``, so several servers in one process (the
+tests, a benchmark) never share counts. Counters and histograms are updated from the event loop
+and, for the stage steps, from the pipeline's worker threads; prometheus_client's metrics are
+thread-safe. Gauges that describe the present (connections, streams, queue depths) are read
+when the metrics are scraped, from the :class:`Live` view the server gives.
 """
 
 from __future__ import annotations
 
-import bisect
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 
-Labels = tuple[tuple[str, str], ...]
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
+from ..runtime.scheduler import STAGES
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _labels(labels: Labels) -> str:
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels) + "}"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def _num(x: float) -> str:
-    if math.isinf(x):
-        return "+Inf" if x > 0 else "-Inf"
-    return repr(float(x)) if not float(x).is_integer() else str(int(x))
+@dataclass(frozen=True)
+class Live:
+    """What the gauges read at scrape time (callables: they run on the event loop)."""
+
+    connections: Callable[[], int]  # open WebSocket connections
+    streams: Callable[[], int]  # streams open on all connections and HTTP requests
+    depths: Callable[[], Mapping[str, int]]  # stage -> requests waiting to enter it
 
 
-class Counter:
-    kind = "counter"
+class _LiveCollector(Collector):
+    def __init__(self, live: Live) -> None:
+        self.live = live
 
-    def __init__(self, name: str, help: str) -> None:
-        self.name, self.help = name, help
-        self.values: dict[Labels, float] = {}
-
-    def inc(self, amount: float = 1.0, **labels: str) -> None:
-        key = tuple(sorted(labels.items()))
-        self.values[key] = self.values.get(key, 0.0) + amount
-
-    def samples(self) -> list[str]:
-        return [f"{self.name}{_labels(k)} {_num(v)}" for k, v in sorted(self.values.items())]
-
-
-class Gauge:
-    """A value read when metrics are rendered (``fn``) or set by the server."""
-
-    kind = "gauge"
-
-    def __init__(
-        self, name: str, help: str, fn: Callable[[], dict[Labels, float]] | None = None
-    ) -> None:
-        self.name, self.help, self.fn = name, help, fn
-        self.values: dict[Labels, float] = {}
-
-    def set(self, value: float, **labels: str) -> None:
-        self.values[tuple(sorted(labels.items()))] = value
-
-    def samples(self) -> list[str]:
-        values = self.fn() if self.fn is not None else self.values
-        return [f"{self.name}{_labels(k)} {_num(v)}" for k, v in sorted(values.items())]
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(
+            "stream_engine_connections",
+            "Open WebSocket connections.",
+            value=self.live.connections(),
+        )
+        yield GaugeMetricFamily(
+            "stream_engine_active_streams",
+            "Streams open on all connections and speech requests.",
+            value=self.live.streams(),
+        )
+        depth = GaugeMetricFamily(
+            "stream_engine_queue_depth", "Requests waiting to enter each stage.", labels=["stage"]
+        )
+        for stage, waiting in self.live.depths().items():
+            depth.add_metric([stage], waiting)
+        yield depth
 
 
-class Histogram:
-    kind = "histogram"
+class Metrics:
+    def __init__(self, live: Live) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        r.register(_LiveCollector(live))
+        self.batch_size = Gauge(
+            "stream_engine_batch_size",
+            "Requests each stage stepped at its last step.",
+            ["stage"],
+            registry=r,
+        )
+        self.ttfa = Histogram(
+            "stream_engine_ttfa_seconds",
+            "Time from a stream's first text to its first audio.",
+            buckets=[0.05, 0.1, 0.15, 0.25, 0.5, 1, 2, 5, 10, 30, 60],
+            registry=r,
+        )
+        self.rtf = Histogram(
+            "stream_engine_rtf",
+            "Real-time factor of finished streams (wall time / audio time).",
+            buckets=[0.02, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 50],
+            registry=r,
+        )
+        self.errors = Counter(
+            "stream_engine_errors", "Error messages sent, by code.", ["code"], registry=r
+        )
+        self.streams = Counter(
+            "stream_engine_streams", "Streams ended, by outcome.", ["outcome"], registry=r
+        )
+        self.audio = Counter("stream_engine_audio_seconds", "Audio seconds sent.", registry=r)
+        self.slow_clients = Counter(
+            "stream_engine_slow_clients",
+            "Clients disconnected for not reading audio.",
+            registry=r,
+        )
+        self.previews = Counter(
+            "stream_engine_previews",
+            "Segment previews (early audio) decoded and handed to their stream.",
+            registry=r,
+        )
+        self.speech_requests = Counter(
+            "stream_engine_speech_requests",
+            "POST /v1/audio/speech requests answered, by HTTP status.",
+            ["status"],
+            registry=r,
+        )
+        self.stage_seconds = Counter(
+            "stream_engine_stage_seconds",
+            "Seconds each stage spent stepping (its busy time; on CUDA, host time).",
+            ["stage"],
+            registry=r,
+        )
+        self.stage_steps = Counter(
+            "stream_engine_stage_steps", "Steps each stage ran.", ["stage"], registry=r
+        )
+        self.stage_rows = Counter(
+            "stream_engine_stage_rows",
+            "Requests stepped, summed over steps (rows / steps: the mean batch).",
+            ["stage"],
+            registry=r,
+        )
+        for stage in STAGES:  # every stage shows from the start, at 0
+            for metric in (self.batch_size, self.stage_seconds, self.stage_steps, self.stage_rows):
+                metric.labels(stage)
 
-    def __init__(self, name: str, help: str, buckets: Sequence[float]) -> None:
-        self.name, self.help = name, help
-        self.bounds = sorted(buckets)
-        self.counts = [0] * (len(self.bounds) + 1)  # last: above every bound
-        self.sum = 0.0
-        self.count = 0
+    def step(self, stage: str, batch: int, start: float, end: float, window: bool) -> None:
+        """A :data:`~stream_engine.runtime.loop.StepObserver` (called from worker threads)."""
+        self.stage_seconds.labels(stage).inc(end - start)
+        self.stage_steps.labels(stage).inc()
+        self.stage_rows.labels(stage).inc(batch)
+        self.batch_size.labels(stage).set(batch)
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.sum += value
-        self.count += 1
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)
 
-    def samples(self) -> list[str]:
-        out, running = [], 0
-        for bound, n in zip([*self.bounds, math.inf], self.counts, strict=True):
-            running += n
-            out.append(f'{self.name}_bucket{{le="{_num(bound)}"}} {running}')
-        out.append(f"{self.name}_sum {_num(self.sum)}")
-        out.append(f"{self.name}_count {self.count}")
-        return out
+    def value(self, name: str, **labels: str) -> float:
+        """One sample's current value (0 when it has none yet), e.g. for tests and benchmarks."""
+        return self.registry.get_sample_value(name, labels) or 0.0
 
-
-Metric = Counter | Gauge | Histogram
-
-
-class Registry:
-    def __init__(self) -> None:
-        self.metrics: list[Metric] = []
-
-    def add(self, metric: Metric) -> Metric:
-        self.metrics.append(metric)
-        return metric
-
-    def render(self) -> str:
-        lines: list[str] = []
-        for m in self.metrics:
-            lines.append(f"# HELP {m.name} {m.help}")
-            lines.append(f"# TYPE {m.name} {m.kind}")
-            lines.extend(m.samples())
-        return "\n".join(lines) + "\n"
+    def stream_done(self, audio_ms: float, ttfa_ms: float | None, rtf: float | None) -> None:
+        """A stream ended with ``done``."""
+        self.streams.labels("done").inc()
+        self.audio.inc(audio_ms / 1000)
+        if ttfa_ms is not None:
+            self.ttfa.observe(ttfa_ms / 1000)
+        if rtf is not None:
+            self.rtf.observe(rtf)

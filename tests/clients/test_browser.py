@@ -89,7 +89,7 @@ async def se_test(page) -> dict[str, Any]:
 
 
 def cancelled_streams(srv) -> float:
-    return srv.metrics.streams.values.get((("outcome", "cancelled"),), 0.0)
+    return srv.service.metrics.value("stream_engine_streams_total", outcome="cancelled")
 
 
 async def test_speak_then_stop_in_headless_chromium(make_server, tmp_path):
@@ -143,7 +143,9 @@ async def test_speak_then_stop_in_headless_chromium(make_server, tmp_path):
             f"audio {hook['serverAudioMs']} ms"
         )
         assert cancelled_streams(srv) == 0
-        assert srv.metrics.previews.values.get((), 0) >= 1  # the first segment came early
+        assert (
+            srv.service.metrics.value("stream_engine_previews_total") >= 1
+        )  # the first segment came early
         await page.screenshot(path=str(tmp_path / "browser-client-done.png"), full_page=True)
 
         # 2. streamed word by word as PCM; Stop while it plays

@@ -49,6 +49,7 @@ def job(tiny):
     job = Job(
         event.spec,
         tiny,
+        None,
         session,
         submit=lambda j, r: submitted.append(r),
         cancel=lambda i: True,

@@ -38,18 +38,17 @@ async def test_stop_finishes_final_streams_and_cancels_the_rest(make_server):
     assert streams["fin"].types[-1] == "done"
     assert streams["open"].types[-1] == "cancelled"
     assert info.value.rcvd is not None and info.value.rcvd.code == 1001
-    assert not srv.pipeline.running
+    assert not srv.service.pipeline.running
 
 
 async def test_slow_reader_is_disconnected_and_others_are_served(make_server):
     srv = await make_server(max_unsent_bytes=64 * 1024)
+    # a slow network: small kernel buffers on both sides (accepted sockets inherit the
+    # listening socket's send buffer size)
+    srv.sockets[0].setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     slow_sock = socket.create_connection(("127.0.0.1", srv.port))
     slow_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     slow = await connect(f"{url(srv)}/v1/tts", sock=slow_sock, max_queue=1)
-    for conn in srv.connections:  # a slow network: small kernel buffers on the server side too
-        conn.ws.transport.get_extra_info("socket").setsockopt(
-            socket.SOL_SOCKET, socket.SO_SNDBUF, 4096
-        )
     text = "A sentence long enough to make plenty of audio for the test. " * 2
     msg = {"type": "speak", "id": "s", "text": text, "final": True, "format": "pcm_f32le"}
     await slow.send(json.dumps({**msg, "sample_rate": 48_000}))
@@ -58,14 +57,15 @@ async def test_slow_reader_is_disconnected_and_others_are_served(make_server):
         good = (await collect(ok, ["k"]))["k"]
     assert good.types[-1] == "done"
     deadline = time.monotonic() + 300
-    while not srv.metrics.slow_clients.values and time.monotonic() < deadline:
+    slow_clients = "stream_engine_slow_clients_total"
+    while not srv.service.metrics.value(slow_clients) and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
-    assert srv.metrics.slow_clients.values == {(): 1.0}
+    assert srv.service.metrics.value(slow_clients) == 1
     with pytest.raises(ConnectionClosed) as info:
         while True:
             await asyncio.wait_for(slow.recv(), 30)
     assert info.value.rcvd is not None and info.value.rcvd.code == 1008
-    assert not any(c.jobs for c in srv.connections)
+    assert not any(c.jobs for c in srv.service.connections)
 
 
 async def test_sigterm_stops_the_process_cleanly(tmp_path):

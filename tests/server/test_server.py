@@ -138,8 +138,8 @@ async def test_cancel_mid_segment_stops_audio(server):
     after = seen[cancelled_at + 1 :]
     assert not any(isinstance(m, Audio) and m.stream == x_stream for m in after)
     assert not any(isinstance(m, dict) and m.get("id") == "x" for m in after)
-    assert not server.engine.runtime.requests or all(
-        r.text != long_text.strip() for r in server.engine.runtime.requests.values()
+    assert not server.service.engine.runtime.requests or all(
+        r.text != long_text.strip() for r in server.service.engine.runtime.requests.values()
     )
 
 
@@ -281,7 +281,9 @@ async def test_early_audio_sends_previews_then_the_exact_rest(make_server):
     assert next(m for m in plain.messages if m["type"] == "started")["early_audio"] is False
     assert early.types[-1] == plain.types[-1] == "done"
     assert early.types == plain.types  # same segments, same messages
-    assert srv.metrics.previews.values[()] >= 2  # a 2-3 s first segment: several previews
+    assert (
+        srv.service.metrics.value("stream_engine_previews_total") >= 2
+    )  # a 2-3 s first segment: several previews
 
     def pcm(s, index):
         return np.concatenate(

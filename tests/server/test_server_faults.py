@@ -25,10 +25,14 @@ def url(srv):
 
 async def settled(srv, timeout=120.0):
     """Wait until the engine holds no request and no stage holds a slot."""
-    rt = srv.engine.runtime
+    rt = srv.service.engine.runtime
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not rt.requests and all(s.active == 0 for s in rt.stages.values()) and not srv.owners:
+        if (
+            not rt.requests
+            and all(s.active == 0 for s in rt.stages.values())
+            and not srv.service.owners
+        ):
             return True
         await asyncio.sleep(0.05)
     return False
@@ -42,7 +46,7 @@ async def test_disconnect_mid_segment_frees_every_stage(server):
         if isinstance(item, dict) and item["type"] == "started":
             break
     await asyncio.sleep(0.3)
-    assert server.engine.runtime.requests  # work is in flight
+    assert server.service.engine.runtime.requests  # work is in flight
     c.ws.transport.abort()  # no close handshake: the network just went away
     assert await settled(server)
     async with await Client.connect(url(server)) as other:  # and the server still serves
@@ -93,7 +97,7 @@ async def test_a_thousand_cancels_in_flight(tiny):
 
 
 async def test_stage_failure_reaches_only_its_stream(server, monkeypatch):
-    stage = server.engine.runtime.stages["coarse"]
+    stage = server.service.engine.runtime.stages["coarse"]
     raise_on(monkeypatch, stage, message="simulated kernel failure with a secret /path/in/trace")
     async with await Client.connect(url(server)) as c:
         await c.speak("bad", "This one says BOOM now.", final=True)

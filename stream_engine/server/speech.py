@@ -1,0 +1,270 @@
+"""``POST /v1/audio/speech``: OpenAI's speech API shape, streamed (``docs/http.md``).
+
+The request becomes one protocol v1 stream: its fields are turned into a ``speak`` message with
+``final: true`` and fed to a :class:`~.connection.Connection`, whose session validates them
+exactly as it validates a WebSocket client's (voice, options, text limits), and whose job
+segments the text and runs it through the engine. This module is the driver that reads the
+connection's frames and writes them into an HTTP body: audio frames go through a
+:class:`~stream_engine.audio.containers.ContainerEncoder` (PyAV), as a chunked body or as
+server-sent events.
+
+The status is chosen when the first audio is ready (or an error comes first): errors before it
+get OpenAI's error shape and status; an error after it ends the body without its last chunk,
+so the client sees a broken transfer, never a short file that looks whole. A client that goes
+away cancels its stream at the engine's next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from ..audio.containers import RESPONSE_FORMATS, ContainerEncoder
+from ..protocol import HEADER, OPTION_KEYS
+from .connection import Connection, Frame
+from .http_errors import STATUS, ApiError
+from .service import Service
+
+log = logging.getLogger(__name__)
+
+STREAM_FORMATS = ("audio", "sse")
+DEFAULT_RESPONSE_FORMAT = "mp3"  # as OpenAI's
+BODY_FIELDS = frozenset(
+    {"model", "input", "voice", "response_format", "speed", "stream_format", "instructions"}
+)
+EXTRA_FIELDS = frozenset({*OPTION_KEYS, "early_audio"})
+_STREAM_ID = 1
+# the request field each protocol error code is about
+_PARAMS = {
+    "unknown_voice": "voice",
+    "unsupported_format": "response_format",
+    "text_too_long": "input",
+}
+
+
+@dataclass(frozen=True)
+class SpeechRequest:
+    """A request body, its OpenAI fields checked; the rest is for the protocol session."""
+
+    speak: dict[str, Any]  # the protocol v1 speak message that opens the stream
+    response_format: str
+    stream_format: str
+
+
+def parse_request(body: bytes, voices: dict[str, str]) -> SpeechRequest:
+    """Check the body's JSON and OpenAI fields; ``voices`` maps aliases to voice names."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        raise ApiError(400, "the body must be a JSON object", code="bad_request") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the body must be a JSON object", code="bad_request")
+    unknown = sorted(set(data) - BODY_FIELDS - EXTRA_FIELDS)
+    if unknown:
+        known = ", ".join(sorted(BODY_FIELDS | EXTRA_FIELDS))
+        shown = ", ".join(k[:32] for k in unknown[:5])
+        raise ApiError(400, f"unknown field(s): {shown}; known: {known}", unknown[0])
+    text = data.get("input")
+    if not isinstance(text, str) or not text.strip():
+        raise ApiError(400, "input must be a non-empty string", "input", "bad_request")
+    voice = data.get("voice")
+    if voice is not None and not isinstance(voice, str):
+        raise ApiError(400, "voice must be a string", "voice", "bad_request")
+    fmt = data.get("response_format") or DEFAULT_RESPONSE_FORMAT
+    if fmt not in RESPONSE_FORMATS:
+        raise ApiError(
+            400,
+            f"response_format must be one of {', '.join(RESPONSE_FORMATS)}",
+            "response_format",
+            "unsupported_format",
+        )
+    stream_format = data.get("stream_format") or "audio"
+    if stream_format not in STREAM_FORMATS:
+        raise ApiError(400, "stream_format must be audio or sse", "stream_format", "bad_request")
+    speed = data.get("speed", 1.0)
+    if speed is not None and (
+        isinstance(speed, bool) or not isinstance(speed, int | float) or speed != 1.0
+    ):
+        raise ApiError(
+            400, "speed must be 1.0: Bark speaks at its own pace", "speed", "unsupported_speed"
+        )
+    if data.get("instructions"):
+        raise ApiError(400, "instructions are not supported by Bark", "instructions", "bad_request")
+    speak: dict[str, Any] = {
+        "type": "speak",
+        "id": _STREAM_ID,
+        "text": text,
+        "final": True,
+        "voice": voices.get(voice, voice) if voice is not None else None,
+        "format": "pcm_f32le",
+        "sample_rate": 24_000,
+        "options": {k: data[k] for k in OPTION_KEYS if k in data} or None,
+    }
+    if "early_audio" in data:
+        speak["early_audio"] = data["early_audio"]
+    return SpeechRequest(speak, fmt, stream_format)
+
+
+async def speech(request: Request) -> Response:
+    service: Service = request.app.state.service
+    try:
+        return await _speech(request, service)
+    except ApiError as exc:
+        service.metrics.speech_requests.labels(str(exc.status)).inc()
+        return exc.response()
+
+
+async def _speech(request: Request, service: Service) -> Response:
+    denied = service.check_access(request.headers)
+    if denied is not None:
+        code = "invalid_api_key" if denied.status == 401 else "origin_not_allowed"
+        raise ApiError(denied.status, denied.message, code=code)
+    limit = service.config.max_message_bytes
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise ApiError(413, f"the body is over {limit} bytes", code="limit")
+    except ClientDisconnect:
+        raise ApiError(400, "the client went away", code="bad_request") from None
+    parsed = parse_request(bytes(body), service.voices.aliases)
+    address = request.client.host if request.client else "?"
+    refused = service.admit(address, websocket=False)
+    if refused is not None:
+        raise ApiError(503, str(refused), code="busy")
+    return SpeechResponse(service, parsed, address)
+
+
+class SpeechResponse(Response):
+    """Runs the stream while the response is sent (an ASGI response of its own, so that it can
+    watch for the client going away while it waits for audio)."""
+
+    def __init__(self, service: Service, parsed: SpeechRequest, address: str) -> None:
+        self.service, self.parsed, self.address = service, parsed, address
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        service, parsed = self.service, self.parsed
+        gone = asyncio.Event()
+
+        async def close(code: int, reason: str) -> None:  # too slow, or shutting down
+            gone.set()
+
+        conn = Connection(service.context, self.address, close)
+        writer = _BodyWriter(send, parsed, service)
+        service.speeches.add(conn)
+        try:
+            conn.session.data_to_send()  # the hello: not for this client
+            conn.receive(json.dumps(parsed.speak))
+            sender = asyncio.create_task(conn.send_loop(writer.write))
+            watcher = asyncio.create_task(_disconnected(receive))
+            closed = asyncio.create_task(gone.wait())
+            await asyncio.wait({sender, watcher, closed}, return_when=asyncio.FIRST_COMPLETED)
+            for task in (watcher, closed, sender):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            if not writer.finished and not writer.started:
+                error = writer.error or ApiError(503, "the stream ended early", code="busy")
+                if not watcher.done() or not watcher.result():
+                    await error.response()(scope, receive, send)
+                    writer.status = error.status
+        finally:
+            conn.closed()  # cancels the stream if it is still running
+            service.speeches.discard(conn)
+            service.metrics.speech_requests.labels(str(writer.status)).inc()
+
+
+async def _disconnected(receive: Receive) -> bool:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return True
+
+
+class _End(Exception):
+    """The body is complete (or failed): stop reading the connection's frames."""
+
+
+class _BodyWriter:
+    """Turns the connection's frames into the HTTP response."""
+
+    def __init__(self, send: Send, parsed: SpeechRequest, service: Service) -> None:
+        self.send = send
+        self.sse = parsed.stream_format == "sse"
+        self.encoder = ContainerEncoder(parsed.response_format)
+        self.content_type = "text/event-stream" if self.sse else self.encoder.content_type
+        self.options = [k for k in OPTION_KEYS if k in (parsed.speak["options"] or {})]
+        self.started = False
+        self.finished = False
+        self.status = 0  # the status sent (0: none yet)
+        self.error: ApiError | None = None
+
+    async def write(self, frame: Frame) -> None:
+        if isinstance(frame, bytes):
+            audio = np.frombuffer(frame, "<f4", offset=HEADER.size)
+            await self._body(self.encoder.encode(audio))
+            return
+        message = json.loads(frame)
+        kind = message["type"]
+        if kind == "done":
+            if not self.started and not message["audio_ms"]:
+                self.error = ApiError(400, "input has nothing to speak", "input", "bad_request")
+                raise _End
+            await self._body(self.encoder.close())
+            if self.sse:
+                await self._event({"type": "speech.audio.done"})
+            await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+            self.finished = True
+            raise _End
+        if kind in ("error", "cancelled"):
+            self.error = self._error(message)
+            if self.started:  # the status has gone: the body ends without its last chunk
+                log.warning("speech request failed mid-stream: %s", self.error.message)
+                if self.sse:
+                    await self._event({"type": "error", **self.error.body()})
+            raise _End
+
+    def _error(self, message: dict[str, Any]) -> ApiError:
+        if message["type"] == "cancelled":
+            return ApiError(503, "server shutting down", code="busy")
+        code = message["code"]
+        param = _PARAMS.get(code)
+        if code == "bad_request":
+            param = next((k for k in self.options if k in message["message"]), None)
+            if param is None and "early_audio" in message["message"]:
+                param = "early_audio"
+        return ApiError(STATUS.get(code, 500), message["message"], param, code)
+
+    async def _body(self, data: bytes) -> None:
+        if not self.started:
+            self.started = True
+            self.status = 200
+            headers = [
+                (b"content-type", self.content_type.encode()),
+                (b"cache-control", b"no-store"),
+            ]
+            await self.send({"type": "http.response.start", "status": 200, "headers": headers})
+        if not data:
+            return
+        if self.sse:
+            await self._event(
+                {"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()}
+            )
+        else:
+            await self.send({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def _event(self, event: dict[str, Any]) -> None:
+        line = f"data: {json.dumps(event, separators=(',', ':'))}\n\n".encode()
+        await self.send({"type": "http.response.body", "body": line, "more_body": True})
