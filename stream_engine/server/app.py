@@ -31,6 +31,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from ..config import ServerConfig
 from ..engine import Engine
 from ..protocol import PATH, ProtocolLimits
+from ..text.segmenter import SegmenterConfig
 from .metrics import CONTENT_TYPE
 from .service import Service
 from .speech import speech
@@ -91,8 +92,9 @@ class Server:
         config: ServerConfig | None = None,
         limits: ProtocolLimits | None = None,
         voices: VoiceRegistry | None = None,
+        segmenting: SegmenterConfig | None = None,
     ) -> None:
-        self.service = Service(engine, config, limits, voices)
+        self.service = Service(engine, config, limits, voices, segmenting)
         self.config = self.service.config
         self.app = create_app(self.service)
         self.sockets: list[socket.socket] = []

@@ -32,6 +32,7 @@ from ..engine import Engine
 from ..errors import Cancelled, InternalError, StreamEngineError, UnknownVoice
 from ..protocol import AppendText, Event, FlushStream, OpenStream, ProtocolLimits, Session
 from ..runtime.request import Request
+from ..text.segmenter import SegmenterConfig
 from .jobs import Job, JobStats
 from .metrics import Metrics
 
@@ -51,6 +52,7 @@ class ConnectionContext:
     engine: Engine  # names the model and its rate; builds each segment's request
     voices: Mapping[str, VoicePrompt]  # the voices offered now (built in and added)
     limits: ProtocolLimits
+    segmenting: SegmenterConfig  # how each stream's text is cut into segments
     config: ServerConfig  # continuity, early_audio_frames, max_unsent_bytes
     metrics: Metrics
     submit: Callable[[Connection, Job, Request], None]  # to the pipeline; raises Busy
@@ -130,6 +132,7 @@ class Connection:
             continuity=ctx.config.continuity,
             preview_frames=ctx.config.early_audio_frames,
             on_done=self._done,
+            segmenting=ctx.segmenting,
         )
         self.jobs[event.spec.stream] = job
         job.add_text(event.text, event.final)

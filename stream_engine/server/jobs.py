@@ -21,7 +21,7 @@ from ..engine import Engine
 from ..errors import InternalError
 from ..protocol import Session, StreamSpec
 from ..runtime.request import Request, Status
-from ..text.segmenter import Segmenter
+from ..text.segmenter import Segmenter, SegmenterConfig
 
 
 @dataclass
@@ -44,6 +44,7 @@ class Job:
     continuity: bool = True
     preview_frames: int = 0  # early audio: frames between previews (0: the stream's choice off)
     on_done: Callable[[JobStats], None] | None = None
+    segmenting: SegmenterConfig | None = None  # how text is cut (None: the defaults)
     segmenter: Segmenter = field(init=False)
     encoder: Encoder = field(init=False)
     requests: dict[int, Request] = field(default_factory=dict)  # index -> not yet sent
@@ -62,7 +63,7 @@ class Job:
     last: Request | None = None
 
     def __post_init__(self) -> None:
-        self.segmenter = Segmenter(self.engine.count_tokens)
+        self.segmenter = Segmenter(self.engine.count_tokens, self.segmenting)
         self.encoder = Encoder(self.spec.format, self.spec.sample_rate, self.engine.sample_rate)
 
     # -- client side ----------------------------------------------------------------------

@@ -26,6 +26,7 @@ from ..errors import LimitExceeded
 from ..protocol import ProtocolLimits
 from ..runtime.pipeline import Pipeline
 from ..runtime.request import Request
+from ..text.segmenter import SegmenterConfig
 from .connection import Connection, ConnectionContext
 from .jobs import Job
 from .metrics import Live, Metrics
@@ -49,6 +50,7 @@ class Service:
         config: ServerConfig | None = None,
         limits: ProtocolLimits | None = None,
         voices: VoiceRegistry | None = None,
+        segmenting: SegmenterConfig | None = None,
     ) -> None:
         self.engine = engine
         self.config = config or ServerConfig()
@@ -71,6 +73,7 @@ class Service:
             engine,
             self.voices.prompts,
             self.limits,
+            segmenting or SegmenterConfig(),
             self.config,
             self.metrics,
             self._submit,

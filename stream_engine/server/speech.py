@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -170,16 +169,20 @@ class SpeechResponse(Response):
             sender = asyncio.create_task(conn.send_loop(writer.write))
             watcher = asyncio.create_task(_disconnected(receive))
             closed = asyncio.create_task(gone.wait())
-            await asyncio.wait({sender, watcher, closed}, return_when=asyncio.FIRST_COMPLETED)
-            for task in (watcher, closed, sender):
+            tasks = (sender, watcher, closed)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in tasks:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-            if not writer.finished and not writer.started:
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if sender in done and not sender.cancelled():
+                exc = sender.exception()
+                if exc is not None and not isinstance(exc, _End):
+                    log.error("speech request failed", exc_info=exc)
+                    writer.error = writer.error or ApiError(500, "internal error", code="internal")
+            if not writer.started and watcher not in done:
                 error = writer.error or ApiError(503, "the stream ended early", code="busy")
-                if not watcher.done() or not watcher.result():
-                    await error.response()(scope, receive, send)
-                    writer.status = error.status
+                await error.response()(scope, receive, send)
+                writer.status = error.status
         finally:
             conn.closed()  # cancels the stream if it is still running
             service.speeches.discard(conn)
