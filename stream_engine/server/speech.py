@@ -77,8 +77,10 @@ def parse_request(body: bytes, voices: dict[str, str]) -> SpeechRequest:
     if not isinstance(text, str) or not text.strip():
         raise ApiError(400, "input must be a non-empty string", "input", "bad_request")
     voice = data.get("voice")
+    if isinstance(voice, dict) and set(voice) == {"id"}:  # OpenAI's custom voice object
+        voice = voice["id"]
     if voice is not None and not isinstance(voice, str):
-        raise ApiError(400, "voice must be a string", "voice", "bad_request")
+        raise ApiError(400, 'voice must be a string or {"id": string}', "voice", "bad_request")
     fmt = data.get("response_format") or DEFAULT_RESPONSE_FORMAT
     if fmt not in RESPONSE_FORMATS:
         raise ApiError(
@@ -138,10 +140,23 @@ async def _speech(request: Request, service: Service) -> Response:
     except ClientDisconnect:
         raise ApiError(400, "the client went away", code="bad_request") from None
     parsed = parse_request(bytes(body), service.voices.aliases)
+    if len(parsed.speak["text"]) > service.limits.max_text_chars:
+        raise ApiError(
+            400,
+            f"input is over {service.limits.max_text_chars} characters",
+            "input",
+            "text_too_long",
+        )
+    voice = parsed.speak["voice"]
+    if voice is not None and voice not in service.voices.prompts:
+        names = ", ".join(v["id"] for v in service.voices.describe())
+        raise ApiError(
+            400, f"unknown voice {voice[:64]!r}; voices: {names}", "voice", "unknown_voice"
+        )
     address = request.client.host if request.client else "?"
     refused = service.admit(address, websocket=False)
-    if refused is not None:
-        raise ApiError(503, str(refused), code="busy")
+    if refused is not None:  # shutting down: 503; over the connection limit: 429
+        raise ApiError(503 if service.draining else 429, str(refused), code=refused.code)
     return SpeechResponse(service, parsed, address)
 
 
@@ -171,6 +186,8 @@ class SpeechResponse(Response):
             closed = asyncio.create_task(gone.wait())
             tasks = (sender, watcher, closed)
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if closed in done and sender not in done:  # let the frame being written finish
+                await asyncio.wait({sender}, timeout=2.0)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response
 
 from ..bark.prompts import VoicePrompt
 from ..engine import Engine
-from ..errors import InvalidOption, StreamEngineError, UnknownVoice
+from ..errors import InvalidOption, LimitExceeded, StreamEngineError, UnknownVoice
 from ..voices import MAX_VOICE_BYTES, VoiceStore
 from .http_errors import ApiError
 
@@ -108,6 +108,8 @@ async def add_voice(request: Request) -> Response:
         return Response(status_code=400)
     except ApiError as exc:
         return exc.response()
+    except LimitExceeded as exc:  # the file, or what it inflates to, is too large
+        return ApiError(413, str(exc), code=exc.code).response()
     except StreamEngineError as exc:
         return ApiError.of(exc, "name" if "name" in str(exc) else None).response()
     return JSONResponse({"id": name, "object": "voice", "kind": "added"}, 201)

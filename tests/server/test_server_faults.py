@@ -2,10 +2,10 @@
 
 import asyncio
 import json
-import time
 
 import pytest
 from faults import raise_on
+from server_utils import settled
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
@@ -23,21 +23,6 @@ def url(srv):
     return f"ws://127.0.0.1:{srv.port}"
 
 
-async def settled(srv, timeout=120.0):
-    """Wait until the engine holds no request and no stage holds a slot."""
-    rt = srv.service.engine.runtime
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (
-            not rt.requests
-            and all(s.active == 0 for s in rt.stages.values())
-            and not srv.service.owners
-        ):
-            return True
-        await asyncio.sleep(0.05)
-    return False
-
-
 async def test_disconnect_mid_segment_frees_every_stage(server):
     c = await Client.connect(url(server))
     await c.speak("gone", "A long sentence that the client will not wait for at all. " * 3)
@@ -48,7 +33,7 @@ async def test_disconnect_mid_segment_frees_every_stage(server):
     await asyncio.sleep(0.3)
     assert server.service.engine.runtime.requests  # work is in flight
     c.ws.transport.abort()  # no close handshake: the network just went away
-    assert await settled(server)
+    assert await settled(server.service)
     async with await Client.connect(url(server)) as other:  # and the server still serves
         await other.speak("ok", "Still working.", final=True)
         assert (await collect(other, ["ok"]))["ok"].types[-1] == "done"
@@ -91,7 +76,7 @@ async def test_a_thousand_cancels_in_flight(tiny):
         assert closing["error"] == 0, codes
         assert closing["cancelled"] + closing["done"] == 1000
         assert closing["cancelled"] >= 990  # a cancel can only lose the race to a done
-        assert await settled(srv)
+        assert await settled(srv.service)
     finally:
         await srv.stop(timeout=0)
 
@@ -107,7 +92,7 @@ async def test_stage_failure_reaches_only_its_stream(server, monkeypatch):
     assert err["type"] == "error" and err["code"] == "internal"
     assert "secret" not in err["message"] and "Traceback" not in err["message"]
     assert streams["good"].types[-1] == "done"
-    assert await settled(server)
+    assert await settled(server.service)
 
 
 async def test_invalid_utf8_and_path_voices(server):
