@@ -20,10 +20,12 @@ import sys
 import threading
 import time
 import wave
-from collections.abc import AsyncIterator
-from typing import TextIO
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TextIO
 
 import numpy as np
+
+from .config import SECTIONS, load_settings, setting_fields
 
 
 def write_wav(path: str, audio: np.ndarray, sample_rate: int) -> None:
@@ -47,22 +49,107 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16")
 
 
+def _show_default(value: object) -> str:
+    if value is None or value == ():
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _number_type(kind: str, optional: bool) -> Callable[[str], object]:
+    convert: Callable[[str], object] = int if kind == "int" else float
+
+    def number(text: str) -> object:
+        if optional and text.lower() == "none":
+            return None
+        return convert(text)
+
+    number.__name__ = kind  # argparse names it in "invalid int value"
+    return number
+
+
+def _split_type(sep: str) -> Callable[[str], tuple[str, ...]]:
+    def split(text: str) -> tuple[str, ...]:
+        return tuple(part.strip() for part in text.split(sep) if part.strip())
+
+    split.__name__ = "list"
+    return split
+
+
+def _pair(text: str) -> tuple[str, str]:
+    name, eq, value = text.partition("=")
+    if not eq or not name or not value:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
+def add_setting_flags(p: argparse.ArgumentParser, section: str, cls: type) -> None:
+    """One flag per field of the settings dataclass ``cls`` (see stream_engine.config).
+
+    The flag is ``--field-name`` unless the field's rule names it; its help is the field's.
+    Nothing is repeated here: a flag that is not given is absent from the namespace (its dest
+    is ``section.field``), so the dataclass default (or the config file) holds. Sets (the
+    segmenter's abbreviations) are left to the config file.
+    """
+    group = p.add_argument_group(f"{section} settings ([{section}] in --config FILE)")
+    for s in setting_fields(cls):
+        if s.kind == "set":
+            continue
+        rule = s.rule
+        help_text = f"{rule.help} (default: {_show_default(s.default)})".replace("%", "%%")
+        kw: dict[str, Any] = {
+            "dest": f"{section}.{s.name}",
+            "default": argparse.SUPPRESS,
+            "help": help_text,
+        }
+        if s.kind == "bool":
+            kw["action"] = argparse.BooleanOptionalAction
+        elif s.kind in ("int", "float"):
+            kw["type"] = _number_type(s.kind, s.optional)
+            kw["metavar"] = rule.metavar or ("N" if s.kind == "int" else "X")
+        elif s.kind == "str":
+            if rule.choices is not None:
+                kw["choices"] = rule.choices
+            else:
+                kw["metavar"] = rule.metavar or "TEXT"
+        elif s.kind == "strings" and rule.sep is not None:
+            kw["type"] = _split_type(rule.sep)
+            kw["metavar"] = rule.metavar or f"TEXT{rule.sep}..."
+        elif s.kind in ("strings", "pairs"):
+            kw["action"] = "append"
+            kw["metavar"] = rule.metavar or "TEXT"
+            if s.kind == "pairs":
+                kw["type"] = _pair
+        else:  # a kind this function does not know yet
+            raise TypeError(f"{cls.__name__}.{s.name}: no flag for a {s.kind}")
+        group.add_argument(rule.flag or "--" + s.name.replace("_", "-"), **kw)
+
+
+def setting_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The settings given as flags, by section: ``{"server": {"port": 80}, ...}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for dest, value in vars(args).items():
+        section, dot, name = dest.partition(".")
+        if dot:
+            out.setdefault(section, {})[name] = value
+    return out
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="stream-engine")
     sub = top.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the streaming WebSocket server")
     _model_args(serve)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8765)
-    serve.add_argument("--token", default=None, help="require this bearer token")
-    serve.add_argument("--allow-origin", action="append", default=None, help="repeatable")
-    serve.add_argument("--max-connections", type=int, default=64)
     serve.add_argument(
-        "--early-audio-frames",
-        type=int,
-        default=75,
-        help="streams with early_audio: coarse frames between previews (75 = 1 s of audio)",
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="settings from a TOML file: tables [engine], [server], [limits], [segmenter], keys "
+        "as the flags below with underscores; flags override it",
     )
     serve.add_argument(
         "--trace",
@@ -72,6 +159,8 @@ def parser() -> argparse.ArgumentParser:
         "(open in https://ui.perfetto.dev or chrome://tracing)",
     )
     serve.add_argument("--log-level", default="info")
+    for section, cls in SECTIONS.items():
+        add_setting_flags(serve, section, cls)
 
     say = sub.add_parser("say", help="speak TEXT to a WAV file and/or the speakers")
     say.add_argument("text", help="the text; '-' reads standard input and speaks it as it comes")
@@ -122,22 +211,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .config import ServerConfig
+    # every setting is checked before the model loads: a bad flag fails at once
+    settings = load_settings(args.config, setting_overrides(args))
     from .engine import Engine
     from .server.app import Server
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    config = ServerConfig(
-        host=args.host,
-        port=args.port,
-        token=args.token,
-        allowed_origins=tuple(args.allow_origin) if args.allow_origin else None,
-        max_connections=args.max_connections,
-        early_audio_frames=args.early_audio_frames,
-    )
-    engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
+    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, config=settings.engine)
     trace = None
     if args.trace:
         from .runtime.trace import StepTrace
@@ -145,7 +227,8 @@ def _serve(args: argparse.Namespace) -> int:
         trace = StepTrace(limit=200_000)
         engine.runtime.observers.append(trace)
     try:
-        asyncio.run(Server(engine, config).serve_forever())
+        server = Server(engine, settings.server, settings.limits, segmenting=settings.segmenter)
+        asyncio.run(server.serve_forever())
     finally:
         if trace is not None:
             n = trace.chrome(args.trace)

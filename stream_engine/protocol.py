@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from .audio.formats import DEFAULT_FORMAT, FORMATS, SAMPLE_RATES, check_format
-from .config import GenerationOptions
+from .config import GenerationOptions, ProtocolLimits  # ProtocolLimits: defined with the settings
 from .errors import (
     Cancelled,
     InternalError,
@@ -87,51 +87,6 @@ _SAMPLE_BYTES = {"pcm_s16le": 2, "pcm_f32le": 4, "mulaw": 1, "opus": 1}
 _CONTROL_IN_ID = re.compile("[\x00-\x1f\x7f-\x9f]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _TEXT_CONTROLS = {c: " " for c in [*range(0x20), *range(0x7F, 0xA0)] if chr(c) not in "\t\n\r"}
-
-
-@dataclass(frozen=True)
-class ProtocolLimits:
-    """Per-connection limits. Exceeding any of them gets an error with code ``limit``."""
-
-    max_streams: int = 8  # streams open at once on one connection
-    max_text_chars: int = 20_000  # characters of text per stream, over all its speak messages
-    max_chars_per_second: float = 2_000.0  # text characters accepted per second, per connection
-    char_burst: int = 20_000  # ... of which this many at once (token bucket size)
-    max_messages_per_second: float = 200.0  # client frames per second, per connection
-    message_burst: int = 400  # ... of which this many at once
-    max_id_chars: int = 128  # longest string id
-
-    def __post_init__(self) -> None:
-        for name in (
-            "max_streams",
-            "max_text_chars",
-            "char_burst",
-            "message_burst",
-            "max_id_chars",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidOption(f"{name} must be a positive integer, got {value!r}")
-        for name in ("max_chars_per_second", "max_messages_per_second"):
-            value = getattr(self, name)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int | float)
-                or not math.isfinite(value)
-                or value <= 0
-            ):
-                raise InvalidOption(f"{name} must be a positive number, got {value!r}")
-
-    def as_dict(self) -> dict[str, int | float]:
-        return {
-            "max_streams": self.max_streams,
-            "max_text_chars": self.max_text_chars,
-            "max_chars_per_second": self.max_chars_per_second,
-            "char_burst": self.char_burst,
-            "max_messages_per_second": self.max_messages_per_second,
-            "message_burst": self.message_burst,
-            "max_id_chars": self.max_id_chars,
-        }
 
 
 @dataclass(frozen=True)

@@ -89,9 +89,10 @@ import operator
 import re
 import unicodedata
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Final
 
+# the configuration lives with the others' (re-exported here)
+from ..config import DEFAULT_ABBREVIATIONS, SegmenterConfig
 from ..errors import InvalidOption
 
 __all__ = [
@@ -179,26 +180,6 @@ _KIND_ELLIPSIS: Final = 3
 _WAIT: Final = -1  # needs more text to decide
 _RESTART: Final = -2  # length-limit cuts moved the segment start: decide again
 
-# Words after which "." is no sentence end, casefolded, without their final dot. Words that
-# often end a sentence ("no", "etc", "inc", "mm") are left out: "No. 5" is caught by the digit.
-DEFAULT_ABBREVIATIONS: Final = frozenset(
-    {
-        # en
-        "mr", "mrs", "ms", "mx", "dr", "prof", "rev", "hon", "sr", "jr", "st", "mt", "capt",
-        "col", "gen", "lt", "sgt", "gov", "sen", "rep", "pres", "vs", "cf", "approx", "ca",
-        "dept", "univ", "assn", "bros", "pp",
-        # de
-        "bzw", "vgl", "sog", "ggf", "inkl", "evtl", "nr", "hr", "fr", "dipl", "ing", "str",
-        # es, pt, it, fr
-        "sra", "srta", "sres", "dra", "ud", "uds", "lic", "profa", "av", "exmo", "sig",
-        "sig.ra", "sigg", "dott", "dott.ssa", "avv", "mme", "mlle", "pr", "ste",
-        # ru
-        "г", "гг", "ул", "стр", "см", "напр", "тыс", "проф", "акад", "им", "т.е", "т.к",
-        # pl, tr, hi
-        "np", "tzw", "mgr", "inż", "ul", "al", "godz", "tj", "św", "doç", "sn", "örn", "डॉ",
-    }
-)  # fmt: skip
-
 
 def _is_nospace(ch: str) -> bool:
     return _NOSPACE_RE.match(ch) is not None
@@ -238,50 +219,6 @@ def estimate_tokens(text: str) -> int:
     real tokenizer for exact limits.
     """
     return sum((len(m) + 3) // 4 for m in _ESTIMATE.findall(text))
-
-
-# ---------------------------------------------------------------------------------------------
-# Configuration
-
-
-def _check_int(name: str, value: object, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise InvalidOption(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
-
-
-@dataclass(frozen=True)
-class SegmenterConfig:
-    """How text is cut into segments. Every field has a default; see the module docstring."""
-
-    max_tokens: int = 230  # most tokens in a segment (a margin under Bark's 256)
-    max_chars: int = 2000  # most characters in a segment, whatever count_tokens says
-    max_tokens_per_char: float = 1.0  # most tokens one character adds (1.0: BERT WordPiece)
-    short_first: bool = True  # cut the first segment early so audio starts early
-    first_min_words: int = 3  # the first segment ends at a clause boundary after this many words
-    first_max_words: int = 8  # ... or after this many words when no clause boundary came
-    max_cue_chars: int = 40  # a "[" closed within this many characters is a cue
-    max_lyric_chars: int = 300  # a "♪" closed by "♪" within this many characters is a lyric
-    abbreviations: frozenset[str] = DEFAULT_ABBREVIATIONS  # words a "." does not end (no case)
-
-    def __post_init__(self) -> None:
-        _check_int("max_tokens", self.max_tokens, 1, 1_000_000)
-        _check_int("max_chars", self.max_chars, 1, 1_000_000)
-        tpc = self.max_tokens_per_char
-        if isinstance(tpc, bool) or not isinstance(tpc, int | float) or not 0 < tpc < math.inf:
-            raise InvalidOption(f"max_tokens_per_char must be a positive number, got {tpc!r}")
-        if not isinstance(self.short_first, bool):
-            raise InvalidOption(f"short_first must be true or false, got {self.short_first!r}")
-        _check_int("first_min_words", self.first_min_words, 1, 10_000)
-        _check_int("first_max_words", self.first_max_words, self.first_min_words, 10_000)
-        _check_int("max_cue_chars", self.max_cue_chars, 1, 10_000)
-        _check_int("max_lyric_chars", self.max_lyric_chars, 1, 100_000)
-        abbreviations = self.abbreviations
-        if not isinstance(abbreviations, frozenset | set | list | tuple) or not all(
-            isinstance(a, str) for a in abbreviations
-        ):
-            raise InvalidOption("abbreviations must be a set of strings")
-        folded = frozenset(a.casefold().rstrip(".") for a in abbreviations)
-        object.__setattr__(self, "abbreviations", folded)
 
 
 # ---------------------------------------------------------------------------------------------

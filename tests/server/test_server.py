@@ -8,6 +8,7 @@ import urllib.request
 import numpy as np
 import opuslib
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from wire import collect
@@ -190,18 +191,21 @@ async def test_http_endpoints(server):
     assert health["status"] == "ok" and health["model"] == "random:tiny"
     status, ctype, body = await asyncio.to_thread(http_get, server, "/metrics")
     assert status == 200 and ctype.startswith("text/plain")
-    assert 'stream_engine_streams_total{outcome="done"} 1' in body
-    assert "stream_engine_ttfa_seconds_count 1" in body
-    assert 'stream_engine_queue_depth{stage="semantic"} 0' in body
-    assert "stream_engine_active_streams 0" in body
-    busy = {
-        line.split('"')[1]: float(line.rsplit(" ", 1)[1])
-        for line in body.splitlines()
-        if line.startswith("stream_engine_stage_seconds_total{")
+    samples = {  # prometheus_client's own parser reads it
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(body)
+        for s in family.samples
     }
-    assert set(busy) == {"semantic", "coarse", "fine", "codec"} and min(busy.values()) > 0
-    assert 'stream_engine_stage_steps_total{stage="codec"}' in body
-    assert 'stream_engine_batch_size{stage="codec"} 1' in body  # its last step: the one stream
+    assert samples[("stream_engine_streams_total", (("outcome", "done"),))] == 1
+    assert samples[("stream_engine_ttfa_seconds_count", ())] == 1
+    assert samples[("stream_engine_queue_depth", (("stage", "semantic"),))] == 0
+    assert samples[("stream_engine_active_streams", ())] == 0
+    assert samples[("stream_engine_connections", ())] == 0
+    for stage in ("semantic", "coarse", "fine", "codec"):
+        assert samples[("stream_engine_stage_seconds_total", (("stage", stage),))] > 0
+        assert samples[("stream_engine_stage_steps_total", (("stage", stage),))] >= 1
+    # the codec's last step: the one stream
+    assert samples[("stream_engine_batch_size", (("stage", "codec"),))] == 1
     status, _, _ = await asyncio.to_thread(http_get, server, "/nope")
     assert status == 404
 
@@ -233,6 +237,43 @@ async def test_connection_limit_per_address(make_server):
         with pytest.raises(ConnectionClosed) as info:
             await ws.recv()
         assert info.value.rcvd.code == 1013
+    assert srv.service.metrics.value("stream_engine_errors_total", code="limit") == 1
+
+
+async def refused(srv, forwarded_for: str) -> bool:
+    ws = await connect(f"{url(srv)}/v1/tts", additional_headers={"X-Forwarded-For": forwarded_for})
+    try:
+        return json.loads(await ws.recv())["type"] == "error"
+    finally:
+        await ws.close()
+
+
+async def test_forwarded_addresses_count_only_from_trusted_proxies(make_server):
+    trusting = await make_server(max_connections_per_ip=1, forwarded_allow_ips=("127.0.0.1",))
+    ignoring = await make_server(max_connections_per_ip=1)
+    for srv in (trusting, ignoring):
+        async with connect(
+            f"{url(srv)}/v1/tts", additional_headers={"X-Forwarded-For": "203.0.113.7"}
+        ) as first:
+            assert json.loads(await first.recv())["type"] == "hello"
+            other_player = await refused(srv, "198.51.100.9")
+            same_player = await refused(srv, "203.0.113.7")
+        assert same_player
+        assert other_player == (srv is ignoring)  # untrusted: everyone is 127.0.0.1
+
+
+async def test_one_address_with_64_connections_by_default(server):
+    """A game server or a proxy: 64 connections from 127.0.0.1, 2 streams each, all finish."""
+
+    async def player(i: int) -> list[str]:
+        async with await Client.connect(url(server)) as c:
+            await c.speak("a", f"Player {i} says hi.", final=True, options={"seed": i})
+            await c.speak("b", "And goodbye.", final=True, options={"seed": i})
+            streams = await collect(c, ["a", "b"], timeout=500)
+        return [s.types[-1] for s in streams.values()]
+
+    outcomes = await asyncio.gather(*(player(i) for i in range(64)))
+    assert outcomes == [["done", "done"]] * 64
 
 
 async def test_binary_header_layout(server):
