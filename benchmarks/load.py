@@ -22,10 +22,35 @@ each round (``--rounds``) other paragraphs; both servers get the same ones. With
 ``--early-audio`` a third side, ``early``, runs the same rounds on our server with clients that
 open their streams with ``early_audio`` (audio of a segment before it is generated whole).
 
+The side ``http`` (on by default; ``--no-http`` leaves it out) runs the same rounds, with the
+same paragraphs per client, against our server's ``POST /v1/audio/speech`` (``docs/http.md``)
+through the real ``openai`` SDK, one ``AsyncOpenAI`` client per simulated client (closed
+after the round): each client sends its whole paragraph as one request (``response_format
+"pcm"``: s16le at 24 kHz, ``stream_format "audio"``, the same voice, no options, as the
+WebSocket side) and reads the body as it streams. TTFA: request sent -> first non-empty body
+chunk (this includes the loopback TCP connect, which the WebSocket side makes before the
+round); RTF: request sent -> body complete, over the audio seconds received (bytes / 2 /
+24000); throughput as above. **The two sides do not send text the same way**: the WebSocket
+sides send it word by word, the HTTP side has the whole paragraph at once (the table's
+``text`` column says which). That favours HTTP slightly: the segmenter sees the end of the
+first segment at once instead of when its last word arrives. The segments are the same either
+way (the segmenter cuts the same text the same, whatever pieces it comes in).
+
+Order: for each N, round by round, our two sides run next to each other so that what they are
+compared on runs close in time, ``ours`` then ``http`` in even rounds and ``http`` then
+``ours`` in odd ones (a drift of the machine's speed over two rounds hits both alike), then
+``early``, then ``naive``.
+
 Goals (printed as PASS/FAIL, computed from this run):
 
 * our throughput at 4 clients >= 1.8x our throughput at 1 client;
-* our TTFA (p50) at 1 client, 3-sentence paragraph, <= 0.5x the naive server's.
+* our TTFA (p50) at 1 client, 3-sentence paragraph, <= 0.5x the naive server's;
+* over HTTP, TTFA (p50) at 1 client <= 1.10x the WebSocket's (``ours``);
+* over HTTP, throughput at 4 clients within +-10% of the WebSocket's. 10% is the noise band
+  between repeated rounds on this machine (the same 10% beyond which the speed check below
+  warns that two rounds ran at different speeds). It is judged at equal machine speed: the
+  ratio divided by how much faster the HTTP rounds ran (window work per audio second, as
+  below; the segments, and so the window work per audio second, are the same on both sides).
 
 The 4-client line also says how fast the machine ran in each round (window work per audio
 second, which batching does not change) and the ratio at equal speed, with a warning when the
@@ -33,7 +58,8 @@ two rounds ran more than 10% apart.
 
 Usage:
     python benchmarks/load.py --model random:small --clients 1 4 16 --sentences 3 \\
-        [--rounds 1] [--warmup 1] [--out benchmarks/results/load-cpu-random-small.json]
+        [--rounds 1] [--warmup 1] [--no-http] \\
+        [--out benchmarks/results/load-cpu-random-small.json]
     # smoke run: --model random:tiny --clients 1 2 --short
 """
 
@@ -49,7 +75,9 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import httpx
 import numpy as np
+import openai
 from common import SENTENCES, add_engine_args, load_engine, machine_info, machine_line
 from naive_server import NaiveServer
 
@@ -86,7 +114,7 @@ def word_pieces(text: str) -> list[str]:
 class StreamResult:
     client: int
     text: str
-    sent_at: float  # first word sent (perf_counter)
+    sent_at: float  # first word sent, or the HTTP request (perf_counter)
     first_audio_at: float | None = None
     ended_at: float | None = None
     end: str | None = None  # done, error, cancelled, or closed (connection lost)
@@ -95,7 +123,7 @@ class StreamResult:
     segments: int = 0
     server_ttfa_ms: float | None = None
     server_rtf: float | None = None
-    protocol_errors: int = 0  # frames out of order or for another stream
+    protocol_errors: int = 0  # frames out of order or for another stream; HTTP: a bad body
 
     @property
     def audio_s(self) -> float:
@@ -192,6 +220,85 @@ async def run_round(
     return results, end - start
 
 
+async def run_http_client(
+    api: openai.AsyncOpenAI, number: int, text: str, voice: str | None, go: asyncio.Event
+) -> StreamResult:
+    """One ``POST /v1/audio/speech`` with the whole paragraph, its PCM body read as it streams."""
+    await go.wait()
+    res = StreamResult(number, text, time.perf_counter())
+    received = 0
+    try:
+        async with api.audio.speech.with_streaming_response.create(
+            model="bark",  # any value: the server speaks with the model it loaded
+            input=text,
+            voice=voice,  # type: ignore[arg-type]  # a Bark voice name, or null for none
+            response_format="pcm",
+            stream_format="audio",
+        ) as response:
+            if response.headers.get("content-type") != "audio/pcm":
+                res.protocol_errors += 1
+            async for chunk in response.iter_bytes():
+                if not chunk:
+                    continue
+                if res.first_audio_at is None:
+                    res.first_audio_at = time.perf_counter()
+                received += len(chunk)
+        res.ended_at = time.perf_counter()
+        res.end = "done"
+    except openai.APIStatusError as exc:  # an error status before the first audio
+        res.ended_at, res.end = time.perf_counter(), "error"
+        res.error = f"{exc.status_code}: {exc.message}"
+    except (openai.APIError, httpx.HTTPError) as exc:  # e.g. a body cut off mid-stream
+        res.ended_at, res.end = time.perf_counter(), "closed"
+        res.error = f"{type(exc).__name__}: {exc}"
+    res.samples = received // 2
+    res.protocol_errors += received % 2  # s16 samples are whole
+    return res
+
+
+async def run_http_round(
+    base_url: str, texts: list[str], voice: str | None
+) -> tuple[list[StreamResult], float]:
+    """``run_round`` over HTTP: one SDK client per simulated client, all requests at once."""
+    apis = [
+        openai.AsyncOpenAI(
+            base_url=base_url,
+            api_key="unused",
+            max_retries=0,
+            # no read timeout: under load the first audio can take many minutes (as on the
+            # WebSocket side, which waits as long as it takes)
+            timeout=httpx.Timeout(None, connect=30.0),
+        )
+        for _ in texts
+    ]
+    go = asyncio.Event()
+    try:
+        tasks = [
+            asyncio.create_task(run_http_client(api, i, t, voice, go))
+            for i, (api, t) in enumerate(zip(apis, texts, strict=True))
+        ]
+        go.set()
+        results = await asyncio.gather(*tasks)
+    finally:
+        await asyncio.gather(*(api.close() for api in apis), return_exceptions=True)
+    start = min(r.sent_at for r in results)
+    end = max(r.ended_at or time.perf_counter() for r in results)
+    return results, end - start
+
+
+async def run_side(
+    name: str, port: int, texts: list[str], voice: str | None, piece_delay: float
+) -> tuple[list[StreamResult], float]:
+    """One round of side ``name`` (``ours``, ``early``, ``naive`` or ``http``)."""
+    if name == "http":
+        return await run_http_round(f"http://127.0.0.1:{port}/v1", texts, voice)
+    return await run_round(f"ws://127.0.0.1:{port}", texts, voice, piece_delay, name == "early")
+
+
+# how each side sends its text (the table's "text" column, and the JSON's)
+SENT = {"ours": "words", "early": "words", "naive": "words", "http": "whole"}
+
+
 def percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
@@ -212,7 +319,7 @@ def engine_summary(trace: StepTrace, start: float, end: float) -> dict[str, Any]
 
 
 def summarize(
-    rounds: list[tuple[list[StreamResult], float]], engine: list[dict[str, Any]]
+    rounds: list[tuple[list[StreamResult], float]], engine: list[dict[str, Any]], sent: str
 ) -> dict[str, Any]:
     streams = [r for results, _ in rounds for r in results]
     ttfa = [r.ttfa_s for r in streams if r.ttfa_s is not None]
@@ -220,6 +327,8 @@ def summarize(
     audio = sum(r.audio_s for r in streams)
     wall = sum(w for _, w in rounds)
     return {
+        # words: one WebSocket speak per word; whole: the paragraph in one POST
+        "text_sent": sent,
         "streams": len(streams),
         "done": sum(r.end == "done" for r in streams),
         "failures": [
@@ -249,12 +358,12 @@ def fmt(x: float | None, spec: str = "8.2f") -> str:
 def print_table(n: int, sentences: int, sides: dict[str, dict[str, Any]]) -> None:
     print(f"\nN = {n} client(s), {sentences} sentence(s) each")
     print(
-        f"{'server':>8} {'TTFA p50 s':>10} {'TTFA p95 s':>10} {'RTF/stream':>10} "
+        f"{'server':>8} {'text':>5} {'TTFA p50 s':>10} {'TTFA p95 s':>10} {'RTF/stream':>10} "
         f"{'RTF max':>8} {'audio s':>8} {'wall s':>8} {'audio s/wall s':>14} {'done':>6}"
     )
     for name, s in sides.items():
         print(
-            f"{name:>8} {fmt(s['ttfa_p50_s'], '10.2f')} {fmt(s['ttfa_p95_s'], '10.2f')} "
+            f"{name:>8} {s['text_sent']:>5} {fmt(s['ttfa_p50_s'], '10.2f')} {fmt(s['ttfa_p95_s'], '10.2f')} "
             f"{fmt(s['rtf_median'], '10.3f')} {fmt(s['rtf_max'], '8.3f')} "
             f"{s['audio_s']:8.2f} {s['wall_s']:8.2f} {fmt(s['audio_s_per_wall_s'], '14.3f')} "
             f"{s['done']:>3}/{s['streams']:<2}"
@@ -267,6 +376,15 @@ def print_table(n: int, sentences: int, sides: dict[str, dict[str, Any]]) -> Non
             ratio = o["audio_s_per_wall_s"] / v["audio_s_per_wall_s"]
             print(f"throughput ours/naive {ratio:.2f}", end="")
         print()
+    if "ours" in sides and "http" in sides:
+        o, h = sides["ours"], sides["http"]
+        if o["ttfa_p50_s"] and h["ttfa_p50_s"]:
+            print(f"TTFA p50 http/ours {h['ttfa_p50_s'] / o['ttfa_p50_s']:.2f}", end="; ")
+        if o["audio_s_per_wall_s"] and h["audio_s_per_wall_s"]:
+            ratio = h["audio_s_per_wall_s"] / o["audio_s_per_wall_s"]
+            print(f"throughput http/ours {ratio:.2f}", end="")
+        print()
+    print("text: words = sent word by word over the WebSocket; whole = the paragraph in one POST")
 
 
 def goals(by_n: dict[int, dict[str, dict[str, Any]]], sentences: int) -> list[dict[str, Any]]:
@@ -307,7 +425,69 @@ def goals(by_n: dict[int, dict[str, dict[str, Any]]], sentences: int) -> list[di
         out.append(g)
     else:
         out.append({"goal": goal, "value": None, "pass": None, "why": "needs 1 client and --naive"})
+    out.extend(http_goals(by_n))
     return out
+
+
+def window_per_audio_s(side: dict[str, Any]) -> float | None:
+    """A side's window work per audio second over its rounds: how slowly the machine ran."""
+    window = sum(e["window_s"] for e in side.get("engine", []))
+    return window / side["audio_s"] if window > 0 and side["audio_s"] > 0 else None
+
+
+HTTP_TTFA_TARGET = 1.10  # HTTP TTFA p50 at most 10% above the WebSocket's
+HTTP_THROUGHPUT_BAND = (0.90, 1.10)  # the noise between repeated rounds on this machine
+
+
+def http_goals(by_n: dict[int, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The HTTP side against the WebSocket side (``ours``), from this run."""
+    out: list[dict[str, Any]] = []
+    ws, http = by_n.get(1, {}).get("ours"), by_n.get(1, {}).get("http")
+    goal = "TTFA p50 at 1 client over HTTP <= 1.10x the WebSocket's (ours)"
+    if ws and http and ws["ttfa_p50_s"] and http["ttfa_p50_s"]:
+        ratio = http["ttfa_p50_s"] / ws["ttfa_p50_s"]
+        out.append(
+            {
+                "goal": goal,
+                "value": ratio,
+                "target": HTTP_TTFA_TARGET,
+                "pass": ratio <= HTTP_TTFA_TARGET,
+            }
+        )
+    else:
+        out.append({"goal": goal, "value": None, "pass": None, "why": "needs 1 client and --http"})
+    ws, http = by_n.get(4, {}).get("ours"), by_n.get(4, {}).get("http")
+    goal = "throughput at 4 clients over HTTP within 10% of the WebSocket's (ours)"
+    if ws and http and ws["audio_s_per_wall_s"] and http["audio_s_per_wall_s"]:
+        ratio = http["audio_s_per_wall_s"] / ws["audio_s_per_wall_s"]
+        g: dict[str, Any] = {"goal": goal, "value": ratio, "target": list(HTTP_THROUGHPUT_BAND)}
+        judged, g["judged"] = ratio, "value"
+        # as for the 4-client goal: the same work per audio second on both sides (the same
+        # segments), so its seconds say how fast the machine ran in each side's rounds
+        per_audio = {"ws": window_per_audio_s(ws), "http": window_per_audio_s(http)}
+        if per_audio["ws"] and per_audio["http"]:
+            speed = per_audio["ws"] / per_audio["http"]  # > 1: the HTTP rounds ran faster
+            g["window_s_per_audio_s"] = per_audio
+            g["speed_http_over_ws"] = speed
+            g["value_at_equal_speed"] = judged = ratio / speed
+            g["judged"] = "value_at_equal_speed"
+        lo, hi = HTTP_THROUGHPUT_BAND
+        g["pass"] = lo <= judged <= hi
+        out.append(g)
+    else:
+        out.append(
+            {"goal": goal, "value": None, "pass": None, "why": "needs --clients 4 and --http"}
+        )
+    return out
+
+
+def round_order(sides: list[str], r: int) -> list[str]:
+    """The sides in round ``r``: ours and http next to each other, in turn first (ours, http;
+    http, ours; ...), so that the machine's drift hits both alike; then early, then naive."""
+    pair = [s for s in ("ours", "http") if s in sides]
+    if r % 2:
+        pair.reverse()
+    return pair + [s for s in sides if s not in pair]
 
 
 async def bench(args: argparse.Namespace, engine: Engine) -> dict[int, dict[str, dict[str, Any]]]:
@@ -318,6 +498,8 @@ async def bench(args: argparse.Namespace, engine: Engine) -> dict[int, dict[str,
     )
     await ours.start()
     servers: dict[str, Any] = {"ours": ours}
+    if args.http:
+        servers["http"] = ours  # the same server, through POST /v1/audio/speech
     if args.early_audio:
         servers["early"] = ours  # the same server; its clients ask for early_audio
     if args.naive:
@@ -331,8 +513,7 @@ async def bench(args: argparse.Namespace, engine: Engine) -> dict[int, dict[str,
     try:
         for name, srv in servers.items():
             for _ in range(args.warmup):  # first calls pay one-time costs (allocations, ...)
-                url = f"ws://127.0.0.1:{srv.port}"
-                await run_round(url, [paragraph(0, args.sentences, pool)], args.voice, 0.0)
+                await run_side(name, srv.port, [paragraph(0, args.sentences, pool)], args.voice, 0)
                 print(f"warm-up round on {name} done", flush=True)
         for n in args.clients:
             rounds: dict[str, list[tuple[list[StreamResult], float]]] = {k: [] for k in servers}
@@ -340,14 +521,13 @@ async def bench(args: argparse.Namespace, engine: Engine) -> dict[int, dict[str,
             for r in range(args.rounds):  # the sides alternate: a slow spell hits both
                 # each round its own paragraphs (the same for both servers)
                 texts = [paragraph(r * n + i, args.sentences, pool) for i in range(n)]
-                for name, srv in servers.items():
+                for name in round_order(list(servers), r):
                     if name == "naive" and n > args.naive_max_clients:
                         continue
-                    url = f"ws://127.0.0.1:{srv.port}"
+                    srv = servers[name]
                     t0 = time.perf_counter()
-                    early = name == "early"
                     rounds[name].append(
-                        await run_round(url, texts, args.voice, args.piece_delay, early)
+                        await run_side(name, srv.port, texts, args.voice, args.piece_delay)
                     )
                     t1 = time.perf_counter()
                     print(f"N={n} {name}: round took {t1 - t0:.1f} s", flush=True)
@@ -357,7 +537,9 @@ async def bench(args: argparse.Namespace, engine: Engine) -> dict[int, dict[str,
                             path = f"{args.trace}-{name}-{n}c-r{r}.json"
                             trace.chrome(path, t0, t1)
                             print(f"  trace: {path}")
-            by_n[n] = {name: summarize(r, steps[name]) for name, r in rounds.items() if r}
+            by_n[n] = {
+                name: summarize(r, steps[name], SENT[name]) for name, r in rounds.items() if r
+            }
             print_table(n, args.sentences, by_n[n])
     finally:
         await ours.stop(timeout=0)
@@ -377,6 +559,12 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1, help="rounds per N and server")
     ap.add_argument("--warmup", type=int, default=1, help="untimed 1-client rounds per server")
     ap.add_argument("--naive", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument(
+        "--http",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also a side 'http': our server through POST /v1/audio/speech (openai SDK)",
+    )
     ap.add_argument(
         "--naive-max-clients",
         type=int,
@@ -418,14 +606,30 @@ def main() -> int:
     print()
     for g in results:
         verdict = {True: "PASS", False: "FAIL", None: "NOT MEASURED"}[g["pass"]]
-        value = "" if g["value"] is None else f": {g['value']:.2f} (target {g['target']})"
+        target = g.get("target")
+        if isinstance(target, list):
+            target = f"{target[0]:.2f}-{target[1]:.2f}"
+        value = "" if g["value"] is None else f": {g['value']:.2f} (target {target})"
         note = f" ({g['why']})" if "why" in g else ""
         if "bound_if_decode_free" in g:
             note += (
                 f" (window work alone bounds it at {g['bound_if_decode_free']:.2f}x, were every"
                 " decode step free)"
             )
+        if "speed_http_over_ws" in g:
+            w = g["window_s_per_audio_s"]
+            note += (
+                f"; at equal machine speed {g['value_at_equal_speed']:.2f}, judged on this (window"
+                f" work {w['ws']:.2f} s per audio second over the WebSocket, {w['http']:.2f} over"
+                " HTTP)"
+            )
         print(f"{verdict} {g['goal']}{value}{note}")
+        if abs(g.get("speed_http_over_ws", 1.0) - 1) > 0.1:
+            print(
+                f"  WARNING the HTTP rounds ran {g['speed_http_over_ws']:.2f}x as fast as the "
+                "WebSocket ones (window work per audio second): the ratio as measured holds that "
+                "drift too; the verdict uses the ratio at equal speed"
+            )
         speed = g.get("speed_4_over_1")
         if speed is not None and abs(speed - 1) > 0.1:
             w = g["window_s_per_audio_s"]
@@ -460,6 +664,7 @@ def main() -> int:
             "piece_delay_s": args.piece_delay,
             "rounds": args.rounds,
             "warmup": args.warmup,
+            "http": args.http,
             "results": {str(n): sides for n, sides in by_n.items()},
             "goals": results,
         }

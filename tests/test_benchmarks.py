@@ -77,28 +77,48 @@ def test_breakdown(tmp_path):
     assert positive(rec["wall_one_by_one_s"], rec["wall_batch_s"])
 
 
-def test_load_against_the_naive_server(tmp_path):
+def test_load_against_the_naive_server_and_over_http(tmp_path):
     rec = run_script(
         "load.py", tmp_path / "load.json", "--clients", "1", "4", "--sentences", "2", "--short",
         "--warmup", "0", "--naive-max-clients", "1", "--trace", str(tmp_path / "trace"),
     )  # fmt: skip
     sides = {n: set(v) for n, v in rec["results"].items()}
-    assert sides == {"1": {"ours", "naive"}, "4": {"ours"}}
+    assert sides == {"1": {"ours", "naive", "http"}, "4": {"ours", "http"}}
     for n, by_side in rec["results"].items():
         for side, r in by_side.items():
             assert r["failures"] == [] and r["protocol_errors"] == 0, (n, side, r["failures"])
             assert r["done"] == r["streams"] == int(n)
             assert positive(r["ttfa_p50_s"], r["audio_s"], r["audio_s_per_wall_s"])
+    for by_side in rec["results"].values():  # the same paragraphs, whole in one POST each
+        http, ours = by_side["http"], by_side["ours"]
+        assert (http["text_sent"], ours["text_sent"]) == ("whole", "words")
+        assert [s["text"] for s in http["per_stream"]] == [s["text"] for s in ours["per_stream"]]
+        for stream in http["per_stream"]:
+            assert stream["end"] == "done" and positive(stream["audio_s"], stream["rtf"]), stream
+            assert 0 < stream["ttfa_s"] <= stream["ended_at"] - stream["sent_at"]
     engine = rec["results"]["4"]["ours"]["engine"][0]
     assert 0 < engine["busy"] <= 1
     assert engine["stages"]["semantic"]["mean_batch"] >= 1
-    # both goals are computed from this run (pass or fail is the benchmark's business)
-    assert [g["value"] is not None for g in rec["goals"]] == [True, True]
+    # all goals are computed from this run (pass or fail is the benchmark's business)
+    assert [g["value"] is not None for g in rec["goals"]] == [True] * 4
+    assert [g["pass"] in (True, False) for g in rec["goals"]] == [True] * 4
+    ttfa, throughput = rec["goals"][2:]
+    assert "HTTP" in ttfa["goal"] and "HTTP" in throughput["goal"]
+    at1, at4 = rec["results"]["1"], rec["results"]["4"]
+    assert ttfa["value"] == pytest.approx(at1["http"]["ttfa_p50_s"] / at1["ours"]["ttfa_p50_s"])
+    assert throughput["value"] == pytest.approx(
+        at4["http"]["audio_s_per_wall_s"] / at4["ours"]["audio_s_per_wall_s"]
+    )
+    # judged at equal machine speed, as the 4-client goal's ratio is corrected
+    assert throughput["judged"] == "value_at_equal_speed"
+    assert throughput["value_at_equal_speed"] == pytest.approx(
+        throughput["value"] / throughput["speed_http_over_ws"]
+    )
     # and the 4-client ratio comes with the machine's speed in each round (window work)
     four = rec["goals"][0]
     assert four["value_at_equal_speed"] == pytest.approx(four["value"] / four["speed_4_over_1"])
     traces = sorted(p.name for p in tmp_path.glob("trace*.json"))
-    assert len(traces) == 2, traces  # one Chrome trace per round of our server
+    assert len(traces) == 4, traces  # one Chrome trace per round of our server, WS and HTTP
     assert json.loads((tmp_path / traces[0]).read_text())["traceEvents"]
 
 

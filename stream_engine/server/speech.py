@@ -176,7 +176,7 @@ class SpeechResponse(Response):
             gone.set()
 
         conn = Connection(service.context, self.address, close)
-        writer = _BodyWriter(send, parsed, service)
+        writer = _BodyWriter(send, parsed)
         service.speeches.add(conn)
         try:
             conn.session.data_to_send()  # the hello: not for this client
@@ -193,7 +193,7 @@ class SpeechResponse(Response):
             await asyncio.gather(*tasks, return_exceptions=True)
             if sender in done and not sender.cancelled():
                 exc = sender.exception()
-                if exc is not None and not isinstance(exc, _End):
+                if exc is not None and not isinstance(exc, _End | OSError):  # OSError: gone
                     log.error("speech request failed", exc_info=exc)
                     writer.error = writer.error or ApiError(500, "internal error", code="internal")
             if not writer.started and watcher not in done:
@@ -220,7 +220,7 @@ class _End(Exception):
 class _BodyWriter:
     """Turns the connection's frames into the HTTP response."""
 
-    def __init__(self, send: Send, parsed: SpeechRequest, service: Service) -> None:
+    def __init__(self, send: Send, parsed: SpeechRequest) -> None:
         self.send = send
         self.sse = parsed.stream_format == "sse"
         self.encoder = ContainerEncoder(parsed.response_format)
