@@ -46,9 +46,9 @@ Goals (printed as PASS/FAIL, computed from this run):
 * our throughput at 4 clients >= 1.8x our throughput at 1 client;
 * our TTFA (p50) at 1 client, 3-sentence paragraph, <= 0.5x the naive server's;
 * over HTTP, TTFA (p50) at 1 client <= 1.10x the WebSocket's (``ours``);
-* over HTTP, throughput at 4 clients within +-10% of the WebSocket's. 10% is the noise band
-  between repeated rounds on this machine (the same 10% beyond which the speed check below
-  warns that two rounds ran at different speeds). It is judged at equal machine speed: the
+* over HTTP, throughput at 4 clients within +-10% of the WebSocket's ("equal within noise":
+  10% is the bound beyond which the speed check below warns that two rounds ran at
+  different speeds on this shared machine). It is judged at equal machine speed: the
   ratio divided by how much faster the HTTP rounds ran (window work per audio second, as
   below; the segments, and so the window work per audio second, are the same on both sides).
 
@@ -436,7 +436,7 @@ def window_per_audio_s(side: dict[str, Any]) -> float | None:
 
 
 HTTP_TTFA_TARGET = 1.10  # HTTP TTFA p50 at most 10% above the WebSocket's
-HTTP_THROUGHPUT_BAND = (0.90, 1.10)  # the noise between repeated rounds on this machine
+HTTP_THROUGHPUT_BAND = (0.90, 1.10)  # "equal within noise": the speed check's 10% bound
 
 
 def http_goals(by_n: dict[int, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
