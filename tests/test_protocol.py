@@ -1235,3 +1235,45 @@ def test_fuzz_conversation_keeps_every_ordering_guarantee(ops):
         assert client.open == {s.id: s.stream for s in session.open_streams}
     driver.perform(session.close())
     assert driver.jobs == {}
+
+
+def test_refuse_replaces_the_hello_with_one_error_and_closes():
+    session = Session(model="random:tiny", voices=VOICES)
+    session.refuse(LimitExceeded("too many connections"))
+    (frame,) = session.data_to_send()
+    assert json.loads(frame) == {
+        "type": "error",
+        "id": None,
+        "code": "limit",
+        "message": "too many connections",
+    }
+    assert session.closed and session.take_errors() == ["limit"]
+    speak = {"type": "speak", "id": "a", "text": "Hi.", "final": True}
+    assert session.receive_text(json.dumps(speak), 0.0) == []
+    assert session.data_to_send() == []
+
+
+def test_refuse_is_only_for_a_new_session():
+    session = make()
+    session.receive_text(json.dumps({"type": "speak", "id": "a", "text": "Hi."}), 0.0)
+    with pytest.raises(InternalError):
+        session.refuse(LimitExceeded("too late"))
+
+
+def test_error_codes_are_counted_once_as_they_are_queued():
+    session = make()
+    session.receive_text("{bad", 0.0)
+    session.receive_text(json.dumps({"type": "speak", "id": "v", "voice": "nobody"}), 0.0)
+    assert session.take_errors() == ["bad_request", "unknown_voice"]
+    assert session.take_errors() == []
+
+
+def test_voices_are_checked_against_a_live_collection():
+    voices = set(VOICES)
+    session = Session(model="random:tiny", voices=voices)
+    assert json.loads(session.data_to_send()[0])["voices"] == sorted(VOICES)
+    voices.add("narrator")  # a voice added while the connection is open
+    (event,) = session.receive_text(
+        json.dumps({"type": "speak", "id": "a", "text": "Hi.", "voice": "narrator"}), 0.0
+    )
+    assert isinstance(event, OpenStream) and event.spec.voice == "narrator"
