@@ -252,8 +252,10 @@ class _BodyWriter:
             self.error = self._error(message)
             if self.started:  # the status has gone: the body ends without its last chunk
                 log.warning("speech request failed mid-stream: %s", self.error.message)
-                if self.sse:
+                if self.sse:  # an event says so, and the body ends whole
                     await self._event({"type": "error", **self.error.body()})
+                    await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+                    self.finished = True
             raise _End
 
     def _error(self, message: dict[str, Any]) -> ApiError:

@@ -13,6 +13,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from faults import raise_on
 from server_utils import settled
 
 from stream_engine.client import synthesize
@@ -243,3 +244,28 @@ async def test_shutdown_finishes_a_speech_request(make_server):
         rest = b"".join([chunk async for chunk in chunks])
         await stopping
     assert len(first) + len(rest) > 24_000  # the whole of both sentences came
+
+
+async def test_engine_failures_before_and_after_the_first_audio(server, monkeypatch):
+    raise_on(monkeypatch, server.service.engine.runtime.stages["coarse"], message="secret /path")
+    before = await _post(server, {"input": "This one says BOOM now.", "response_format": "pcm"})
+    assert before.status_code == 500
+    error = before.json()["error"]
+    assert error["type"] == "server_error" and error["code"] == "internal"
+    assert "secret" not in error["message"]
+    # after the first audio the status has gone: the body breaks off instead of ending whole
+    text = {"input": "Hello there. Then it says BOOM at the end.", "response_format": "pcm"}
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=300) as http:
+        async with http.stream("POST", "/v1/audio/speech", json={"voice": None, **text}) as r:
+            assert r.status_code == 200
+            with pytest.raises(httpx.RemoteProtocolError):
+                async for _ in r.aiter_bytes():
+                    pass
+        sse = await http.post(
+            "/v1/audio/speech", json={"voice": None, "stream_format": "sse", **text}
+        )
+    events = [json.loads(line[6:]) for line in sse.text.splitlines() if line.startswith("data: ")]
+    assert events[0]["type"] == "speech.audio.delta"
+    assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "internal"
+    assert "secret" not in json.dumps(events[-1])
+    assert await settled(server.service)
