@@ -1,4 +1,4 @@
-"""The WebSocket protocol v1 (``/v1/tts``) as a sans-I/O state machine.
+"""The server side of protocol v1 (``/v1/tts``) as a sans-I/O state machine.
 
 One :class:`Session` per connection. It turns the client's frames into :data:`Event` values the
 server must act on, turns what the engine did into frames for the client, and enforces the
@@ -31,14 +31,13 @@ from __future__ import annotations
 import json
 import math
 import re
-import struct
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
-from .audio.formats import DEFAULT_FORMAT, FORMATS, SAMPLE_RATES, check_format
-from .config import GenerationOptions, ProtocolLimits  # ProtocolLimits: defined with the settings
-from .errors import (
+from ..audio.formats import DEFAULT_FORMAT, FORMATS, SAMPLE_RATES, check_format
+from ..config import GenerationOptions, ProtocolLimits  # ProtocolLimits: defined with the settings
+from ..errors import (
     Cancelled,
     InternalError,
     InvalidOption,
@@ -48,40 +47,22 @@ from .errors import (
     UnknownVoice,
     UnsupportedFormat,
 )
-
-PROTOCOL_VERSION: Final = 1
-PATH: Final = "/v1/tts"
-
-#: Binary frame header: stream number, segment index, sequence number (uint32, little-endian).
-HEADER: Final = struct.Struct("<III")
-UINT32_MAX: Final = 0xFFFF_FFFF
-#: Integer ids are limited to what a JavaScript number holds exactly.
-MAX_INT_ID: Final = 2**53 - 1
-#: Longest error message sent to a client (longer ones are cut, ending in "...").
-MAX_MESSAGE_CHARS: Final = 200
-
-StreamId = str | int
-
-ERROR_CODES: Final = (
-    "bad_request",
-    "unknown_voice",
-    "unsupported_format",
-    "text_too_long",
-    "busy",
-    "limit",
-    "internal",
+from .wire import (
+    ERROR_CODES,
+    HEADER,
+    MAX_INT_ID,
+    MAX_MESSAGE_CHARS,
+    MESSAGE_KEYS,
+    OPEN_KEYS,
+    OPTION_KEYS,
+    PROTOCOL_VERSION,
+    SAMPLE_BYTES,
+    UINT32_MAX,
+    StreamId,
 )
-OPTION_KEYS: Final = ("text_temp", "waveform_temp", "top_k", "top_p", "min_eos_p", "seed")
-OPEN_KEYS: Final = ("voice", "format", "sample_rate", "options", "early_audio")
-MESSAGE_KEYS: Final = {
-    "speak": frozenset({"type", "id", "text", "final", *OPEN_KEYS}),
-    "flush": frozenset({"type", "id"}),
-    "cancel": frozenset({"type", "id"}),
-}
+
 _GENERIC_INTERNAL = "internal error"
 _MAX_OPTION_INT = 2**63  # larger integers are out of every option's range
-# bytes per sample of each format's payload: binary frames never split a sample
-_SAMPLE_BYTES = {"pcm_s16le": 2, "pcm_f32le": 4, "mulaw": 1, "opus": 1}
 
 # C0 and C1 control characters and DEL; tab, newline and carriage return are kept in text
 _CONTROL_IN_ID = re.compile("[\x00-\x1f\x7f-\x9f]")
@@ -572,7 +553,7 @@ class Session:
         payload = bytes(payload)
         if not payload:
             return True
-        width = _SAMPLE_BYTES[live.spec.format]
+        width = SAMPLE_BYTES[live.spec.format]
         if len(payload) % width:
             raise InternalError(f"{live.spec.format} payload must be whole {width}-byte samples")
         self._outbox.append(HEADER.pack(live.spec.stream, index, live.seq) + payload)
