@@ -82,8 +82,16 @@ from common import SENTENCES, add_engine_args, load_engine, machine_info, machin
 from naive_server import NaiveServer
 
 from stream_engine import Engine
-from stream_engine.client import Audio, Client
+from stream_engine.client import Client
 from stream_engine.config import ServerConfig
+from stream_engine.protocol import (
+    AudioReceived,
+    SegmentStarted,
+    StreamCancelled,
+    StreamDone,
+    StreamError,
+    Violation,
+)
 from stream_engine.runtime.trace import StepTrace
 from stream_engine.server.app import Server
 
@@ -154,27 +162,22 @@ async def run_client(
     res = StreamResult(number, text, time.perf_counter())
 
     async def read() -> None:
-        stream, seq = None, 0
-        async for item in client.events():
-            if isinstance(item, Audio):
+        async for event in client.events():  # the client core checks the protocol
+            if isinstance(event, Violation) or getattr(event, "id", sid) != sid:
+                res.protocol_errors += 1
+            elif isinstance(event, AudioReceived):
                 if res.first_audio_at is None:
                     res.first_audio_at = time.perf_counter()
-                if item.stream != stream or item.seq != seq:
-                    res.protocol_errors += 1
-                seq += 1
-                res.samples += len(item.payload) // 2
-            elif item.get("id") != sid:
-                res.protocol_errors += 1
-            elif item["type"] == "started":
-                stream = item["stream"]
-            elif item["type"] == "segment":
+                res.samples += len(event.payload) // 2
+            elif isinstance(event, SegmentStarted):
                 res.segments += 1
-            elif item["type"] in ("done", "error", "cancelled"):
+            elif isinstance(event, StreamDone | StreamError | StreamCancelled):
                 res.ended_at = time.perf_counter()
-                res.end = item["type"]
-                res.server_ttfa_ms, res.server_rtf = item.get("ttfa_ms"), item.get("rtf")
-                if item["type"] == "error":
-                    res.error = f"{item.get('code')}: {item.get('message')}"
+                res.end = {StreamDone: "done", StreamError: "error"}.get(type(event), "cancelled")
+                if isinstance(event, StreamDone):
+                    res.server_ttfa_ms, res.server_rtf = event.ttfa_ms, event.rtf
+                if isinstance(event, StreamError):
+                    res.error = f"{event.code}: {event.message}"
                 return
         res.end = "closed"
 

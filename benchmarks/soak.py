@@ -14,13 +14,13 @@ still running get ``--drain`` seconds to finish and are then cancelled.
 
 Checks (any failure: a line saying which, and exit status 1):
 
-* **protocol**: every JSON message has a known type and names a stream of its connection;
-  ``started`` comes first, with stream numbers 1, 2, 3, ... per connection and the format,
-  rate and voice asked for; every binary frame's header names a started, not yet ended stream
-  of that connection, its open segment, and the next sequence number (0, 1, 2, ... without
-  gaps); PCM frames hold whole samples; segments are numbered 0, 1, 2, ... and each
-  ``segment_end`` closes the open one, with ``audio_ms`` matching the PCM received; nothing
-  about a stream follows its terminal message; ``cancelled`` only answers a ``cancel``; no
+* **protocol**: every frame passes the client core's checks
+  (:class:`stream_engine.protocol.ClientSession`: a known type, naming a stream of its
+  connection; ``started`` first, with stream numbers 1, 2, 3, ... per connection and the
+  format, rate and voice asked for; every binary frame in a started, not yet ended stream's
+  open segment, with the next sequence number; PCM frames of whole samples; segments 0, 1,
+  2, ..., each ``segment_end`` with the ``audio_ms`` of the PCM received; nothing about a
+  stream after its terminal message); and here: ``cancelled`` only answers a ``cancel``; no
   error without an id; the server never closes a connection;
 * **endings**: every stream ends with ``done``, ``cancelled`` or an ``error`` (counted by
   code; an error whose code is not in ``--allow`` fails the run; ``busy`` and ``limit`` are
@@ -67,9 +67,20 @@ from common import machine_info, machine_line
 from websockets.exceptions import ConnectionClosed
 
 from stream_engine import Engine
-from stream_engine.client import Audio, Client
+from stream_engine.client import Client
 from stream_engine.config import EngineConfig, ServerConfig
-from stream_engine.protocol import ProtocolLimits
+from stream_engine.protocol import (
+    AudioReceived,
+    ProtocolLimits,
+    SegmentEnded,
+    SegmentStarted,
+    Started,
+    StreamCancelled,
+    StreamDone,
+    StreamError,
+    Violation,
+)
+from stream_engine.protocol.client import Event
 from stream_engine.server.app import Server
 
 PARAGRAPHS = (
@@ -91,8 +102,6 @@ FORMATS = (
     ("mulaw", 8_000, None),
     ("opus", 48_000, None),
 )
-KNOWN_TYPES = {"hello", "started", "segment", "segment_end", "done", "cancelled", "error"}
-TERMINAL = {"done", "cancelled", "error"}
 
 
 @dataclass
@@ -161,10 +170,6 @@ class StreamState:
     cancel_sent: bool = False
     flushed: bool = False
     first_audio_at: float | None = None
-    open_segment: int | None = None
-    next_index: int = 0
-    next_seq: int = 0
-    segment_bytes: int = 0
     total_ms: float = 0.0  # sum of segment_end audio_ms
     audio_bytes: int = 0
     texts: list[str] = field(default_factory=list)
@@ -172,21 +177,21 @@ class StreamState:
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     got_audio: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def pcm_ms(self, nbytes: int) -> float | None:
-        if self.sample_bytes is None:
-            return None
-        return nbytes / self.sample_bytes / self.sample_rate * 1000
-
 
 class Checker:
-    """Protocol checks for one connection's incoming frames."""
+    """The soak's bookkeeping for one connection's events.
+
+    The protocol's rules (ordering, sequence numbers, sizes, what follows a stream's end) are
+    the client core's (:class:`~stream_engine.protocol.ClientSession`): it reports a broken
+    one as a :class:`Violation`, which counts here. On top of them the soak checks what only it
+    knows: the segments say the text it sent, ``cancelled`` comes only after its cancel, no
+    error outside ``allowed_errors``.
+    """
 
     def __init__(self, index: int, report: SoakReport) -> None:
         self.index = index
         self.report = report
         self.by_id: dict[tuple[str, Any], StreamState] = {}
-        self.by_number: dict[int, StreamState] = {}
-        self.last_number = 0
 
     def violation(self, what: str, st: StreamState | None = None) -> None:
         where = f"connection {self.index}" + (f", stream id {st.id!r}" if st else "")
@@ -195,107 +200,37 @@ class Checker:
     def open(self, st: StreamState) -> None:
         self.by_id[_key(st.id)] = st
 
-    def audio(self, a: Audio, now: float) -> None:
-        st = self.by_number.get(a.stream)
-        if st is None:
-            return self.violation(f"binary frame for stream number {a.stream}, never started")
-        if st.end is not None:
-            return self.violation(f"binary frame after {st.end}", st)
-        if st.open_segment is None or a.segment != st.open_segment:
-            return self.violation(f"binary frame of segment {a.segment}, open: {st.open_segment}")
-        if a.seq != st.next_seq:
-            self.violation(f"sequence number {a.seq}, expected {st.next_seq}", st)
-        st.next_seq = a.seq + 1
-        if st.sample_bytes is not None and len(a.payload) % st.sample_bytes:
-            self.violation(f"{st.format} frame of {len(a.payload)} bytes", st)
-        if not a.payload:
-            self.violation("empty binary frame", st)
-        st.segment_bytes += len(a.payload)
-        st.audio_bytes += len(a.payload)
-        if st.first_audio_at is None:
-            st.first_audio_at = now
-            st.got_audio.set()
-
-    def message(self, m: Any, now: float) -> None:
-        if not isinstance(m, dict) or m.get("type") not in KNOWN_TYPES:
-            return self.violation(f"unknown message {str(m)[:80]}")
-        t = m["type"]
-        if t == "hello":
-            return self.violation("a second hello")
-        if "id" not in m:
-            return self.violation(f"{t} without an id")
-        if m["id"] is None:
-            if t == "error":
-                self.report.count(f"error:{m.get('code')} (id null)")
-            return self.violation(f"{t} with id null: {str(m)[:120]}")
-        st = self.by_id.get(_key(m["id"]))
-        if st is None:
-            return self.violation(f"{t} for id {m['id']!r}, never opened")
-        if st.end is not None:
-            return self.violation(f"{t} after {st.end}", st)
-        if t == "error" and st.number is None:  # the opening speak was rejected
-            return self._end(st, f"error:{m.get('code')}", now, rejected=True)
-        if t == "started":
-            return self._started(st, m)
-        if st.number is None:
-            return self.violation(f"{t} before started", st)
-        if t == "segment":
-            if st.open_segment is not None or m.get("index") != st.next_index:
-                self.violation(
-                    f"segment {m.get('index')}, expected {st.next_index} (open: {st.open_segment})",
-                    st,
-                )
-            st.open_segment, st.segment_bytes = m.get("index"), 0
-            st.texts.append(str(m.get("text")))
-        elif t == "segment_end":
-            if st.open_segment is None or m.get("index") != st.open_segment:
-                self.violation(f"segment_end {m.get('index')}, open: {st.open_segment}", st)
-            ms = m.get("audio_ms")
-            expected = st.pcm_ms(st.segment_bytes)
-            if not isinstance(ms, int | float) or ms < 0:
-                self.violation(f"segment_end audio_ms {ms!r}", st)
-            elif expected is not None and abs(ms - expected) > 1.0:
-                self.violation(f"segment_end audio_ms {ms}, PCM received: {expected:.1f}", st)
-            else:
-                st.total_ms += ms
-            st.open_segment = None
-            st.next_index += 1
-        elif t == "done":
-            if st.open_segment is not None:
-                self.violation("done inside a segment", st)
-            if not st.final_sent:
-                self.violation("done before final was sent", st)
-            ms = m.get("audio_ms")
-            if not isinstance(ms, int | float) or abs(ms - st.total_ms) > 1.0:
-                self.violation(f"done audio_ms {ms!r}, segments add up to {st.total_ms}", st)
+    def event(self, e: Event, now: float) -> None:
+        if isinstance(e, Violation):
+            return self.violation(e.what, None if e.id is None else self.by_id.get(_key(e.id)))
+        if isinstance(e, StreamError) and e.id is None:
+            self.report.count(f"error:{e.code} (id null)")
+            return self.violation(f"an error with id null: {e.code}: {e.message}")
+        st = self.by_id.get(_key(e.id)) if hasattr(e, "id") and e.id is not None else None
+        if st is None or st.end is not None:
+            return self.violation(f"{type(e).__name__} for id {getattr(e, 'id', None)!r}")
+        if isinstance(e, Started):
+            st.number = e.stream
+        elif isinstance(e, AudioReceived):
+            st.audio_bytes += len(e.payload)
+            if st.first_audio_at is None:
+                st.first_audio_at = now
+                st.got_audio.set()
+        elif isinstance(e, SegmentStarted):
+            st.texts.append(e.text)
+        elif isinstance(e, SegmentEnded):
+            st.total_ms += e.audio_ms
+        elif isinstance(e, StreamDone):
             spoken = " ".join(st.texts)
             if not st.flushed and spoken != " ".join(st.text.split()):
                 self.violation(f"segments say {spoken!r}", st)
             self._end(st, "done", now)
-        elif t == "cancelled":
+        elif isinstance(e, StreamCancelled):
             if not st.cancel_sent:
                 self.violation("cancelled without a cancel", st)
             self._end(st, "cancelled", now)
-        else:  # error
-            self._end(st, f"error:{m.get('code')}", now)
-
-    def _started(self, st: StreamState, m: dict[str, Any]) -> None:
-        if st.number is not None:
-            return self.violation("a second started", st)
-        number = m.get("stream")
-        if number != self.last_number + 1:
-            self.violation(f"stream number {number}, expected {self.last_number + 1}", st)
-        if (m.get("format"), m.get("sample_rate"), m.get("voice"), m.get("early_audio")) != (
-            st.format,
-            st.sample_rate,
-            st.voice,
-            st.early_audio,
-        ):
-            self.violation(f"started with {m}", st)
-        if isinstance(number, int):
-            self.last_number = number
-            self.by_number[number] = st
-        st.number = number
+        elif isinstance(e, StreamError):
+            self._end(st, f"error:{e.code}", now, rejected=st.number is None)
 
     def _end(self, st: StreamState, end: str, now: float, rejected: bool = False) -> None:
         st.end = end
@@ -493,12 +428,8 @@ class Connection:
 
     async def _read(self) -> None:
         try:
-            async for item in self.client.events():
-                now = time.perf_counter()
-                if isinstance(item, Audio):
-                    self.checker.audio(item, now)
-                else:
-                    self.checker.message(item, now)
+            async for event in self.client.events():
+                self.checker.event(event, time.perf_counter())
         except Exception as exc:  # a malformed frame, or the connection failed
             if not self.closing:
                 self.checker.violation(f"reading failed: {type(exc).__name__}: {exc}")

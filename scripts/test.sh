@@ -18,8 +18,9 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 # torch first, pinned: on this machine kind 2.13.0 is the CPU wheel on local disk
 .venv/bin/pip install -q "torch==2.13.0"
-.venv/bin/pip install -q -e ".[dev]"
-.venv/bin/ruff format --check stream_engine tests benchmarks
-.venv/bin/ruff check stream_engine tests benchmarks
-.venv/bin/mypy
+.venv/bin/pip install -q -e ".[dev,pipecat,livekit]"
+.venv/bin/ruff format --check stream_engine tests benchmarks clients
+.venv/bin/ruff check stream_engine tests benchmarks clients
+.venv/bin/mypy  # the package, integrations included (pyproject.toml)
+.venv/bin/mypy clients/npc/npc.py clients/voice-agent/agent.py
 .venv/bin/python -m pytest "$@"

@@ -13,8 +13,11 @@ Streams, several at once on one connection::
 
     audio, rate = await conn.say("One call, the whole utterance.")
 
-One reader task per connection reads every frame and routes it to its stream: binary frames
-by stream number (from ``started``), JSON messages by id. Each stream has a bounded queue; a
+The protocol itself is :class:`~stream_engine.protocol.ClientSession`'s (the sans-I/O client
+core): it builds every message, reads every frame into typed events and checks the server
+against ``docs/protocol.md``. This module is its asyncio driver: one reader task per connection
+feeds it every frame and routes the events to their streams; a frame that breaks the protocol
+closes the connection (1002). Each stream has a bounded queue; a
 stream whose chunks nobody reads fills its queue and then holds up the reader, and so every
 other stream of the connection (and at last the server drops the connection as a slow
 reader): read every stream you open, or cancel it. An ``error`` for a stream is raised from
@@ -29,7 +32,6 @@ use it to send what a well-behaved client never would.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import logging
@@ -45,12 +47,24 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
-from .audio.mulaw import ulaw2lin
+from .audio.decode import OpusDecoder, decode_audio, decode_pcm
 from .errors import InternalError, InvalidRequest, ServerError
-from .protocol import HEADER, PATH
+from .protocol import (
+    PATH,
+    AudioReceived,
+    ClientSession,
+    Hello,
+    SegmentEnded,
+    SegmentStarted,
+    Started,
+    StreamCancelled,
+    StreamDone,
+    StreamError,
+    Violation,
+)
+from .protocol.client import Event
 
 __all__ = [
-    "Audio",
     "Chunk",
     "Client",
     "Connection",
@@ -67,8 +81,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_QUEUE_SIZE = 256  # items per stream: ~25 s of PCM audio at 100 ms a chunk
-OPUS_MAX_FRAME_MS = 120  # the longest frame an Opus packet can hold
-TERMINAL = ("done", "cancelled", "error")
 StreamId = str | int
 Outcome = Literal["done", "cancelled", "error"]
 
@@ -121,35 +133,6 @@ class Done:
     rtf: float | None  # synthesis time / audio time
 
 
-def decode_audio(payload: bytes, format: str) -> npt.NDArray[np.float32]:
-    """One PCM or μ-law payload as float32 samples in [-1, 1]."""
-    if format == "pcm_f32le":
-        return np.frombuffer(payload, dtype="<f4").astype(np.float32)
-    if format == "pcm_s16le":
-        return np.frombuffer(payload, dtype="<i2").astype(np.float32) / np.float32(32768.0)
-    if format == "mulaw":
-        samples = ulaw2lin(np.frombuffer(payload, dtype=np.uint8))
-        return samples.astype(np.float32) / np.float32(32768.0)
-    raise InvalidRequest(f"decode_audio decodes pcm_s16le, pcm_f32le and mulaw, not {format!r}")
-
-
-def decode_pcm(payloads: list[bytes], format: str) -> npt.NDArray[np.float32]:
-    """PCM or μ-law payloads of one stream as float32 samples."""
-    return decode_audio(b"".join(payloads), format)
-
-
-class _OpusDecoder:
-    def __init__(self, sample_rate: int) -> None:
-        import opuslib
-
-        self._decoder = opuslib.Decoder(sample_rate, 1)
-        self._max_frame = sample_rate * OPUS_MAX_FRAME_MS // 1000
-
-    def decode(self, packet: bytes) -> npt.NDArray[np.float32]:
-        pcm = self._decoder.decode_float(packet, self._max_frame)
-        return np.frombuffer(pcm, dtype=np.float32).copy()
-
-
 # -- one stream ------------------------------------------------------------------------------
 
 
@@ -193,12 +176,12 @@ class Stream:
         self.opened = False
         self.final = False
         self._cancelling = False  # cancel sent (or asked for): audio is dropped from now on
-        self._queue: asyncio.Queue[Chunk | dict[str, Any]] = asyncio.Queue(queue_size)
+        self._queue: asyncio.Queue[Chunk | SegmentEnded] = asyncio.Queue(queue_size)
         self._wakeup = asyncio.Event()
         self._ended = asyncio.Event()  # the terminal message arrived (or the connection died)
         self._started = asyncio.Event()
         self._texts: dict[int, str] = {}  # segment index -> text, as ``segment`` arrives
-        self._opus: _OpusDecoder | None = None
+        self._opus: OpusDecoder | None = None
         self._raised = False
 
     def __repr__(self) -> str:
@@ -249,7 +232,8 @@ class Stream:
         """Ask the server to synthesize the text buffered so far, sentence finished or not."""
         if not self.opened or self.final or self._check_closed():
             return
-        await self.conn._send({"type": "flush", "id": self.id})
+        self.conn.session.flush(self.id)
+        await self.conn._send_pending()
 
     async def feed(
         self,
@@ -340,20 +324,22 @@ class Stream:
             self.conn._forget(self)
             self._terminate("cancelled")
             return
-        await self.conn._send({"type": "cancel", "id": self.id})
+        self.conn.session.cancel(self.id)
+        await self.conn._send_pending()
         await self._ended.wait()
         self._drop_audio()
 
     async def _speak(self, text: str, final: bool) -> None:
-        msg: dict[str, Any] = {"type": "speak", "id": self.id, "text": text, "final": final}
-        opening = not self.opened
-        if opening:
-            msg.update(self._open_fields)
+        if self.conn.closed is not None:
+            raise self.conn.closed
+        fields = {} if self.opened else self._open_fields
+        self.conn.session.speak(self.id, text, final=final, **fields)
+        if not self.opened:
             self.opened = True
             self.opened_at = time.monotonic()
         if final:
             self.final = True
-        await self.conn._send(msg)
+        await self.conn._send_pending()
 
     def _check_closed(self) -> bool:
         """True if text should be dropped (cancelled); raises the stream's error if it failed."""
@@ -378,12 +364,9 @@ class Stream:
                 if self._cancelling:
                     continue
                 return item
-            if item["type"] == "segment_end":
-                index = item.get("index", -1)
-                text = self._texts.pop(index, "")
-                self.segments.append(Segment(index, text, float(item.get("audio_ms", 0.0))))
+            self.segments.append(Segment(item.index, item.text, item.audio_ms))
 
-    async def _next_item(self) -> Chunk | dict[str, Any] | None:
+    async def _next_item(self) -> Chunk | SegmentEnded | None:
         while True:
             if not self._queue.empty():
                 return self._queue.get_nowait()
@@ -425,15 +408,14 @@ class Stream:
 
     # -- called by the connection's reader -------------------------------------------------
 
-    def _on_started(self, msg: dict[str, Any]) -> int:
-        self.number = number = int(msg["stream"])
-        self.voice = msg.get("voice")
-        self.format = str(msg["format"])
-        self.sample_rate = int(msg["sample_rate"])
+    def _on_started(self, started: Started) -> None:
+        self.number = started.stream
+        self.voice = started.voice
+        self.format = started.format
+        self.sample_rate = started.sample_rate
         if self.format == "opus" and self.decode:
-            self._opus = _OpusDecoder(self.sample_rate)
+            self._opus = OpusDecoder(self.sample_rate)
         self._started.set()
-        return number
 
     def _make_chunk(self, segment: int, seq: int, payload: bytes) -> Chunk:
         assert self.number is not None and self.format is not None
@@ -460,22 +442,18 @@ class Stream:
             now - opened,
         )
 
-    async def _put(self, item: Chunk | dict[str, Any]) -> None:
+    async def _put(self, item: Chunk | SegmentEnded) -> None:
         if self._cancelling or self.conn._closing:
             return
         await self._queue.put(item)
         self._wakeup.set()
 
-    def _terminate(self, outcome: Outcome, msg: dict[str, Any] | None = None) -> None:
+    def _terminate(self, outcome: Outcome, done: StreamDone | None = None) -> None:
         if self._ended.is_set():
             return
         self.outcome = outcome
-        if outcome == "done" and msg is not None:
-            self.stats = Done(
-                float(msg.get("audio_ms", 0.0)),
-                None if msg.get("ttfa_ms") is None else float(msg["ttfa_ms"]),
-                None if msg.get("rtf") is None else float(msg["rtf"]),
-            )
+        if done is not None:
+            self.stats = Done(done.audio_ms, done.ttfa_ms, done.rtf)
         self._ended.set()
         self._started.set()
         self._wakeup.set()
@@ -499,16 +477,20 @@ class Connection:
     """
 
     def __init__(
-        self, ws: ClientConnection, hello: dict[str, Any], queue_size: int = DEFAULT_QUEUE_SIZE
+        self,
+        ws: ClientConnection,
+        session: ClientSession,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
     ) -> None:
+        assert session.hello is not None
         self.ws = ws
-        self.hello = hello
+        self.session = session
+        self.hello = session.hello.message
         self.queue_size = queue_size
         self.errors: list[ServerError] = []
         self.closed: ServerError | None = None  # set when the connection has ended
         self._closing = False
         self._by_id: dict[StreamId, Stream] = {}
-        self._by_number: dict[int, Stream] = {}
         self._ids = itertools.count(1)
         self._reader = asyncio.create_task(self._read(), name="stream-engine client reader")
 
@@ -620,34 +602,37 @@ class Connection:
 
     # -- internals -------------------------------------------------------------------------
 
-    async def _send(self, message: dict[str, Any]) -> None:
+    async def _send_pending(self) -> None:
+        """Send what the protocol session has queued."""
         if self.closed is not None:
             raise self.closed
         try:
-            await self.ws.send(json.dumps(message))
+            for frame in self.session.data_to_send():
+                await self.ws.send(frame)
         except ConnectionClosed as e:
             raise self._closed_error(e) from e
 
     def _forget(self, stream: Stream) -> None:
         if self._by_id.get(stream.id) is stream:
             del self._by_id[stream.id]
-        if stream.number is not None and self._by_number.get(stream.number) is stream:
-            del self._by_number[stream.number]
 
     async def _read(self) -> None:
         reason: BaseException | None = None
         try:
             async for frame in self.ws:
                 if isinstance(frame, bytes):
-                    await self._on_binary(frame)
+                    events = self.session.receive_bytes(frame)
                 else:
-                    await self._on_text(frame)
+                    events = self.session.receive_text(frame)
+                for event in events:
+                    await self._on_event(event)
+                await self._send_pending()  # e.g. a cancel of a stream nobody wants
         except ConnectionClosed as e:
             reason = e
-        except Exception as e:  # a broken frame from the server: this connection is unusable
-            log.exception("stream-engine client: reader failed")
+        except (Exception, ServerError) as e:  # a broken frame: this connection is unusable
+            log.warning("stream-engine client: %s", e)
             reason = e
-            await self.ws.close(1002, "client could not read a frame")
+            await self.ws.close(1002, "protocol error")
         finally:
             self.closed = self._closed_error(reason)
             for stream in list(self._by_id.values()):
@@ -669,46 +654,35 @@ class Connection:
             detail += f" after {last.code}: {last.message}"
         return ServerError("connection_closed", f"the connection closed{detail}")
 
-    async def _on_binary(self, frame: bytes) -> None:
-        if len(frame) < HEADER.size:
-            raise InternalError(f"a binary frame of {len(frame)} bytes has no header")
-        number, segment, seq = HEADER.unpack_from(frame)
-        stream = self._by_number.get(number)
-        if stream is None or stream._cancelling:
+    async def _on_event(self, event: Event) -> None:
+        if isinstance(event, Violation):
+            raise ServerError("protocol_error", f"the server broke the protocol: {event.what}")
+        if isinstance(event, Hello):
             return
-        await stream._put(stream._make_chunk(segment, seq, frame[HEADER.size :]))
-
-    async def _on_text(self, frame: str) -> None:
-        msg = json.loads(frame)
-        if not isinstance(msg, dict):
-            raise InternalError("a message from the server is not a JSON object")
-        kind = msg.get("type")
-        id = msg.get("id")
-        stream = None if id is None or isinstance(id, dict | list) else self._by_id.get(id)
-        if stream is None:
-            if kind == "error":
-                self.errors.append(ServerError(str(msg.get("code")), str(msg.get("message")), id))
-                if id is not None:
-                    log.warning("error for no stream of ours: %s", msg)
-            elif kind == "started" and id is not None:
-                # a speak crossed its stream's error on the wire and opened a new stream
-                # with the old id: nobody wants it
-                with contextlib.suppress(ServerError):
-                    await self._send({"type": "cancel", "id": id})
+        stream = None if event.id is None else self._by_id.get(event.id)
+        if stream is None:  # about the connection, or about a stream we no longer have
+            if isinstance(event, StreamError):
+                self.errors.append(ServerError(event.code, event.message, event.id))
+                if event.id is not None:
+                    log.warning("error for no stream of ours: %s", event)
             return
-        if kind == "started":
-            self._by_number[stream._on_started(msg)] = stream
-        elif kind == "segment":
-            stream._texts[int(msg.get("index", -1))] = str(msg.get("text", ""))
-        elif kind == "segment_end":
-            await stream._put(msg)
-        elif kind in TERMINAL:
+        if isinstance(event, Started):
+            stream._on_started(event)
+        elif isinstance(event, SegmentStarted):
+            stream._texts[event.index] = event.text
+        elif isinstance(event, AudioReceived):
+            await stream._put(stream._make_chunk(event.segment, event.seq, event.payload))
+        elif isinstance(event, SegmentEnded):
+            await stream._put(event)
+        else:  # the stream's end
             self._forget(stream)
-            if kind == "error":
-                code, message = str(msg.get("code")), str(msg.get("message"))
-                stream._fail(ServerError(code, message, id))
+            if isinstance(event, StreamError):
+                stream._fail(ServerError(event.code, event.message, event.id))
+            elif isinstance(event, StreamDone):
+                stream._terminate("done", event)
             else:
-                stream._terminate("done" if kind == "done" else "cancelled", msg)
+                assert isinstance(event, StreamCancelled)
+                stream._terminate("cancelled")
 
 
 class _Connect:
@@ -727,16 +701,8 @@ class _Connect:
         ws = await ws_connect(
             ws_url(self.url), additional_headers=headers, max_size=None, **self.kwargs
         )
-        try:
-            first = json.loads(await ws.recv())
-        except ConnectionClosed as e:
-            raise ServerError("connection_closed", "the server closed before hello") from e
-        if not isinstance(first, dict) or first.get("type") != "hello":
-            await ws.close()
-            if isinstance(first, dict) and first.get("type") == "error":
-                raise ServerError(str(first.get("code")), str(first.get("message")))
-            raise InternalError("the server did not start with hello")
-        return Connection(ws, first, self.queue_size)
+        session = await handshake(ws)
+        return Connection(ws, session, self.queue_size)
 
     def __await__(self) -> Generator[Any, None, Connection]:
         return self._open().__await__()
@@ -750,6 +716,28 @@ class _Connect:
     ) -> None:
         if self.conn is not None:
             await self.conn.close()
+
+
+async def handshake(ws: ClientConnection) -> ClientSession:
+    """A protocol session for a new connection, past the server's first frame (its hello).
+
+    Raises :class:`ServerError` if the server turns the connection away instead (``limit``).
+    """
+    session = ClientSession()
+    try:
+        first = await ws.recv()
+    except ConnectionClosed as e:
+        raise ServerError("connection_closed", "the server closed before hello") from e
+    events = (
+        session.receive_bytes(first) if isinstance(first, bytes) else session.receive_text(first)
+    )
+    if session.hello is None:
+        await ws.close()
+        refusal = next((e for e in events if isinstance(e, StreamError)), None)
+        if refusal is not None:
+            raise ServerError(refusal.code, refusal.message)
+        raise InternalError("the server did not start with hello")
+    return session
 
 
 def connect(
@@ -786,45 +774,29 @@ async def synthesize(
 # -- low level -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Audio:
-    """One binary frame from the server, as :class:`Client` yields it."""
-
-    stream: int
-    segment: int
-    seq: int
-    payload: bytes
-
-    @classmethod
-    def parse(cls, frame: bytes) -> Audio:
-        if len(frame) < HEADER.size:
-            raise InternalError(f"binary frame of {len(frame)} bytes has no header")
-        stream, segment, seq = HEADER.unpack_from(frame)
-        return cls(stream, segment, seq, frame[HEADER.size :])
-
-
 class Client:
-    """The low-level client: sends the messages it is told, yields every frame it receives.
+    """The low-level client: one message per call, every event as the protocol core reads it.
 
     async with await Client.connect("ws://127.0.0.1:8765") as c:
         await c.speak("s1", "Hello there.", final=True, voice="v2/en_speaker_6")
-        async for item in c.events():
-            ...  # dict messages, and Audio for binary frames
+        async for event in c.events():
+            ...  # Started, SegmentStarted, AudioReceived, SegmentEnded, StreamDone, ...
+
+    The server tests use it: :meth:`send` sends any message as it is, even one a well-behaved
+    client never would; the others go through the :class:`ClientSession`.
     """
 
-    def __init__(self, ws: ClientConnection, hello: dict[str, Any]) -> None:
+    def __init__(self, ws: ClientConnection, session: ClientSession) -> None:
+        assert session.hello is not None
         self.ws = ws
-        self.hello = hello
+        self.session = session
+        self.hello = session.hello.message
 
     @classmethod
     async def connect(cls, url: str, token: str | None = None, **kwargs: Any) -> Client:
         headers = {"Authorization": f"Bearer {token}"} if token else None
         ws = await ws_connect(ws_url(url), additional_headers=headers, max_size=None, **kwargs)
-        hello = json.loads(await ws.recv())
-        if hello.get("type") != "hello":
-            await ws.close()
-            raise InternalError(f"expected hello, got {hello.get('type')!r}")
-        return cls(ws, hello)
+        return cls(ws, await handshake(ws))
 
     async def __aenter__(self) -> Client:
         return self
@@ -835,6 +807,7 @@ class Client:
         await self.close()
 
     async def send(self, message: dict[str, Any]) -> None:
+        """Send ``message`` as it is, past the protocol core (for tests of bad input)."""
         await self.ws.send(json.dumps(message))
 
     async def speak(
@@ -850,31 +823,40 @@ class Client:
         early_audio: bool | None = None,
     ) -> None:
         """Open stream ``id`` (first call) or append text to it."""
-        msg: dict[str, Any] = {"type": "speak", "id": id, "text": text, "final": final}
-        for key, value in (
-            ("voice", voice),
-            ("format", format),
-            ("sample_rate", sample_rate),
-            ("options", options),
-            ("early_audio", early_audio),
-        ):
-            if value is not None:
-                msg[key] = value
-        await self.send(msg)
+        self.session.speak(
+            id,
+            text,
+            final=final,
+            voice=voice,
+            format=format,
+            sample_rate=sample_rate,
+            options=options,
+            early_audio=early_audio,
+        )
+        await self._send_pending()
 
     async def flush(self, id: StreamId) -> None:
-        await self.send({"type": "flush", "id": id})
+        self.session.flush(id)
+        await self._send_pending()
 
     async def cancel(self, id: StreamId) -> None:
-        await self.send({"type": "cancel", "id": id})
+        self.session.cancel(id)
+        await self._send_pending()
 
-    async def events(self) -> AsyncIterator[dict[str, Any] | Audio]:
-        """Every message from the server, in order, until the connection closes."""
+    async def events(self) -> AsyncIterator[Event]:
+        """Every event of the connection, in order, until it closes."""
         async for frame in self.ws:
             if isinstance(frame, bytes):
-                yield Audio.parse(frame)
+                events = self.session.receive_bytes(frame)
             else:
-                yield json.loads(frame)
+                events = self.session.receive_text(frame)
+            for event in events:
+                yield event
+            await self._send_pending()
+
+    async def _send_pending(self) -> None:
+        for frame in self.session.data_to_send():
+            await self.ws.send(frame)
 
     async def close(self) -> None:
         await self.ws.close()

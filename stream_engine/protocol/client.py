@@ -311,7 +311,7 @@ class ClientSession:
             if kind == "error":  # e.g. a flush that crossed its stream's end on the wire
                 return [StreamError(id, str(message.get("code")), str(message.get("message")))]
             if kind == "started":  # a speak that crossed its stream's end opened a new one
-                stream = _Stream(id, {}, unwanted=True)
+                stream = _Stream(id, {}, final=True, unwanted=True)  # its end is not ours
                 self._streams[_key(id)] = stream
                 events = self._started(stream, message)
                 stream.cancelling = True
@@ -379,8 +379,9 @@ class ClientSession:
         if not isinstance(number, int) or isinstance(number, bool) or number in self._by_number:
             self._forget(stream)
             return [Violation(stream.id, f"started with stream number {number!r}")]
-        if number <= self._last_number:
-            events.append(Violation(stream.id, f"stream number {number} after {self._last_number}"))
+        if number != self._last_number + 1:  # 1, 2, 3, ... in the order streams open
+            expected = self._last_number + 1
+            events.append(Violation(stream.id, f"stream number {number}, expected {expected}"))
         self._last_number = max(self._last_number, number)
         stream.number, stream.format = number, str(m.get("format"))
         stream.sample_rate = m.get("sample_rate") if isinstance(m.get("sample_rate"), int) else 0

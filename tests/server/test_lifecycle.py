@@ -13,9 +13,10 @@ import time
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
-from wire import collect
+from wire import collect, kind
 
-from stream_engine.client import Audio, Client
+from stream_engine.client import Client
+from stream_engine.protocol import AudioReceived, SegmentStarted
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(600)]
 
@@ -105,12 +106,12 @@ async def test_sigterm_stops_the_process_cleanly(tmp_path):
             await c.speak("t", "Finish me before you go.", final=True)
             first = None
             async for item in c.events():
-                if isinstance(item, Audio) or item.get("type") == "segment":
+                if isinstance(item, AudioReceived | SegmentStarted):
                     first = item
                     break
             assert first is not None
             proc.send_signal(signal.SIGTERM)
-            types = [m["type"] async for m in c.events() if isinstance(m, dict)]
+            types = [kind(m) async for m in c.events() if not isinstance(m, AudioReceived)]
         assert types[-1] == "done"
         assert await asyncio.to_thread(proc.wait, 120) == 0
         # --trace: the steps of that stream, every stage

@@ -13,8 +13,18 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from wire import collect
 
-from stream_engine.client import Audio, Client
-from stream_engine.protocol import HEADER
+from stream_engine.client import Client
+from stream_engine.protocol import (
+    HEADER,
+    AudioReceived,
+    SegmentEnded,
+    SegmentStarted,
+    Started,
+    StreamCancelled,
+    StreamDone,
+    StreamError,
+    Violation,
+)
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(600)]
 
@@ -40,28 +50,27 @@ async def test_stream_of_small_pieces_end_to_end(server):
         await send_in_pieces(c, "p", PARAGRAPH, voice="v2/en_speaker_6")
         s = (await collect(c, ["p"]))["p"]
     assert s.types[0] == "started" and s.types[-1] == "done"
-    segs = [m for m in s.messages if m["type"] == "segment"]
-    ends = [m for m in s.messages if m["type"] == "segment_end"]
-    assert [m["index"] for m in segs] == list(range(len(segs))) == [m["index"] for m in ends]
+    segs, ends = s.of(SegmentStarted), s.of(SegmentEnded)
+    assert [m.index for m in segs] == list(range(len(segs))) == [m.index for m in ends]
     assert len(segs) >= 3  # a short first segment, then sentences
-    assert " ".join(m["text"] for m in segs) == PARAGRAPH
+    assert " ".join(m.text for m in segs) == PARAGRAPH
     # order: segment I, its audio, segment_end I, then segment I+1
     current = None
     for item in s.order:
-        if isinstance(item, Audio):
+        if isinstance(item, AudioReceived):
             assert item.segment == current and item.stream == s.number
-        elif item["type"] == "segment":
-            current = item["index"]
-        elif item["type"] == "segment_end":
-            assert item["index"] == current
+        elif isinstance(item, SegmentStarted):
+            current = item.index
+        elif isinstance(item, SegmentEnded):
+            assert item.index == current
             current = None
     assert [a.seq for a in s.audio] == list(range(len(s.audio)))
     # pcm_s16le at 24 kHz by default; audio_ms adds up
     total_ms = sum(len(a.payload) for a in s.audio) / 2 / 24_000 * 1000
     done = s.messages[-1]
-    assert done["audio_ms"] == pytest.approx(total_ms, abs=1)
-    assert sum(m["audio_ms"] for m in ends) == pytest.approx(total_ms, abs=1)
-    assert done["ttfa_ms"] > 0 and done["rtf"] > 0
+    assert done.audio_ms == pytest.approx(total_ms, abs=1)
+    assert sum(m.audio_ms for m in ends) == pytest.approx(total_ms, abs=1)
+    assert done.ttfa_ms > 0 and done.rtf > 0
     assert all(len(a.payload) <= 2 * 2400 for a in s.audio)  # at most 100 ms each
 
 
@@ -80,7 +89,7 @@ async def test_every_format_decodes(server):
         s = streams[id]
         assert s.types[-1] == "done", s.messages
         rate = spec["sample_rate"]
-        ms = s.messages[-1]["audio_ms"]
+        ms = s.messages[-1].audio_ms
         if spec["format"] == "opus":
             dec = opuslib.Decoder(rate, 1)
             frame = rate // 50
@@ -109,7 +118,7 @@ async def test_two_connections_interleaved_errors_stay_in_their_stream(server):
         await a.speak("a1", " Finished now.", final=True)
         await b.send({"type": "nonsense"})
         sa, sb = await asyncio.gather(collect(a, ["a1", "bad", "a2"]), collect(b, [1]))
-    assert sa["bad"].messages[-1]["code"] == "unknown_voice"
+    assert sa["bad"].messages[-1].code == "unknown_voice"
     assert "started" not in sa["bad"].types
     assert sa["a1"].types[-1] == "done" and sa["a2"].types[-1] == "done"
     assert sb[1].types[-1] == "done"
@@ -122,23 +131,22 @@ async def test_cancel_mid_segment_stops_audio(server):
         long_text = "This is a long sentence that takes a good while to say out loud. " * 3
         await c.speak("x", long_text, final=True)
         await c.speak("y", "Short and sweet.", final=True)
-        seen = []
+        seen, ended = [], set()
         async for item in c.events():
             seen.append(item)
-            if isinstance(item, dict) and item["type"] == "started" and item["id"] == "x":
+            if isinstance(item, Started) and item.id == "x":
                 await asyncio.sleep(0.5)
                 await c.cancel("x")
-            if isinstance(item, dict) and item["type"] in ("done",) and item["id"] == "y":
-                break
-    x_stream = next(m["stream"] for m in seen if isinstance(m, dict) and m.get("id") == "x")
-    cancelled_at = next(
-        i
-        for i, m in enumerate(seen)
-        if isinstance(m, dict) and m == {"type": "cancelled", "id": "x"}
-    )
+            if isinstance(item, StreamDone | StreamCancelled | StreamError):
+                ended.add(item.id)
+                if ended == {"x", "y"}:
+                    break
+    x_stream = next(m.stream for m in seen if isinstance(m, Started) and m.id == "x")
+    assert not any(isinstance(m, Violation) for m in seen)  # e.g. audio after `cancelled`
+    cancelled_at = seen.index(StreamCancelled("x"))
     after = seen[cancelled_at + 1 :]
-    assert not any(isinstance(m, Audio) and m.stream == x_stream for m in after)
-    assert not any(isinstance(m, dict) and m.get("id") == "x" for m in after)
+    assert not any(isinstance(m, AudioReceived) and m.stream == x_stream for m in after)
+    assert not any(getattr(m, "id", None) == "x" for m in after)
     assert not server.service.engine.runtime.requests or all(
         r.text != long_text.strip() for r in server.service.engine.runtime.requests.values()
     )
@@ -152,14 +160,14 @@ async def test_bad_frames_get_bad_request_and_connection_lives(server):
         await c.speak("ok", "Still here.", final=True)
         errors, done = [], None
         async for item in c.events():
-            if isinstance(item, dict) and item["type"] == "error":
+            if isinstance(item, StreamError):
                 errors.append(item)
-            if isinstance(item, dict) and item["type"] == "done":
+            if isinstance(item, StreamDone):
                 done = item
                 break
-    assert [e["code"] for e in errors] == ["bad_request"] * 3
-    assert all(e["id"] is None for e in errors)
-    assert done["id"] == "ok"
+    assert [e.code for e in errors] == ["bad_request"] * 3
+    assert all(e.id is None for e in errors)
+    assert done.id == "ok"
 
 
 async def test_oversized_message_closes_with_1009(make_server):
@@ -298,12 +306,12 @@ async def test_unspeakable_huge_and_control_text(server):
         await c.speak("ctl", "Bell\x07 and\x00 null\x1b.", final=True)
         streams = await collect(c, ["punct", "huge", "ctl"])
     punct = streams["punct"]
-    assert punct.types == ["started", "done"] and punct.messages[-1]["audio_ms"] == 0
-    assert streams["huge"].messages[-1]["code"] == "limit"
+    assert punct.types == ["started", "done"] and punct.messages[-1].audio_ms == 0
+    assert streams["huge"].messages[-1].code == "limit"
     ctl = streams["ctl"]
-    assert ctl.types[-1] == "done" and ctl.messages[-1]["audio_ms"] > 0
-    seg = next(m for m in ctl.messages if m["type"] == "segment")
-    assert not any(ord(ch) < 32 for ch in seg["text"])
+    assert ctl.types[-1] == "done" and ctl.messages[-1].audio_ms > 0
+    seg = ctl.of(SegmentStarted)[0]
+    assert not any(ord(ch) < 32 for ch in seg.text)
 
 
 async def test_early_audio_sends_previews_then_the_exact_rest(make_server):
@@ -318,8 +326,8 @@ async def test_early_audio_sends_previews_then_the_exact_rest(make_server):
         await c.speak("plain", text, final=True, options=opts)
         got = await collect(c, ["early", "plain"])
     early, plain = got["early"], got["plain"]
-    assert next(m for m in early.messages if m["type"] == "started")["early_audio"] is True
-    assert next(m for m in plain.messages if m["type"] == "started")["early_audio"] is False
+    assert early.of(Started)[0].early_audio is True
+    assert plain.of(Started)[0].early_audio is False
     assert early.types[-1] == plain.types[-1] == "done"
     assert early.types == plain.types  # same segments, same messages
     assert (
@@ -337,13 +345,13 @@ async def test_early_audio_sends_previews_then_the_exact_rest(make_server):
     np.testing.assert_array_equal(first_early[-30 * 320 :], first_plain[-30 * 320 :])
     np.testing.assert_array_equal(pcm(early, 1), pcm(plain, 1))  # no previews: not awaited
     assert [a.seq for a in early.audio] == list(range(len(early.audio)))
-    ends = [m for m in early.messages if m["type"] == "segment_end"]
-    assert ends[0]["audio_ms"] == pytest.approx(first_early.size / 24, abs=1)
+    ends = early.of(SegmentEnded)
+    assert ends[0].audio_ms == pytest.approx(first_early.size / 24, abs=1)
 
 
 async def test_early_audio_must_be_a_boolean(server):
     async with await Client.connect(url(server)) as c:
         await c.speak("x", "Hello.", final=True, early_audio="yes")  # type: ignore[arg-type]
         s = (await collect(c, ["x"]))["x"]
-    assert s.messages[-1]["type"] == "error" and s.messages[-1]["code"] == "bad_request"
-    assert "early_audio" in s.messages[-1]["message"]
+    assert s.types[-1] == "error" and s.messages[-1].code == "bad_request"
+    assert "early_audio" in s.messages[-1].message

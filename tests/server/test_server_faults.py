@@ -1,7 +1,6 @@
 """Faults: disconnects, mass cancels, a stage that raises, invalid frames; the server goes on."""
 
 import asyncio
-import json
 
 import pytest
 from faults import raise_on
@@ -13,10 +12,18 @@ from wire import collect
 
 from stream_engine.client import Client
 from stream_engine.config import ServerConfig
-from stream_engine.protocol import ProtocolLimits
+from stream_engine.protocol import (
+    ProtocolLimits,
+    Started,
+    StreamCancelled,
+    StreamDone,
+    StreamError,
+)
 from stream_engine.server.app import Server
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(600)]
+
+ENDS = {StreamCancelled: "cancelled", StreamDone: "done", StreamError: "error"}
 
 
 def url(srv):
@@ -28,7 +35,7 @@ async def test_disconnect_mid_segment_frees_every_stage(server):
     await c.speak("gone", "A long sentence that the client will not wait for at all. " * 3)
     await c.speak("gone", "", final=True)
     async for item in c.events():
-        if isinstance(item, dict) and item["type"] == "started":
+        if isinstance(item, Started):
             break
     await asyncio.sleep(0.3)
     assert server.service.engine.runtime.requests  # work is in flight
@@ -62,10 +69,10 @@ async def test_a_thousand_cancels_in_flight(tiny):
 
             async def read_canceller():
                 async for item in canceller.events():
-                    if isinstance(item, dict) and item["type"] in closing:
-                        closing[item["type"]] += 1
-                        if item["type"] == "error":
-                            codes.append(item["code"])
+                    if type(item) in ENDS:
+                        closing[ENDS[type(item)]] += 1
+                        if isinstance(item, StreamError):
+                            codes.append(item.code)
                         if sum(closing.values()) == 1000:
                             return
 
@@ -89,8 +96,8 @@ async def test_stage_failure_reaches_only_its_stream(server, monkeypatch):
         await c.speak("good", "This one is fine.", final=True)
         streams = await collect(c, ["bad", "good"])
     err = streams["bad"].messages[-1]
-    assert err["type"] == "error" and err["code"] == "internal"
-    assert "secret" not in err["message"] and "Traceback" not in err["message"]
+    assert isinstance(err, StreamError) and err.code == "internal"
+    assert "secret" not in err.message and "Traceback" not in err.message
     assert streams["good"].types[-1] == "done"
     assert await settled(server.service)
 
@@ -109,5 +116,5 @@ async def test_invalid_utf8_and_path_voices(server):
         for i, voice in enumerate(["/etc/passwd", "https://evil.example/v.npz", "../v2/x", "v2"]):
             await c.speak(f"v{i}", "Hello.", voice=voice)
         streams = await collect(c, [f"v{i}" for i in range(4)])
-    assert all(s.messages[-1]["code"] == "unknown_voice" for s in streams.values())
-    assert all(json.dumps(s.messages[-1]).count("Traceback") == 0 for s in streams.values())
+    assert all(s.messages[-1].code == "unknown_voice" for s in streams.values())
+    assert all("Traceback" not in s.messages[-1].message for s in streams.values())

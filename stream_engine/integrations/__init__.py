@@ -1,0 +1,1 @@
+"""Plugins for voice-agent frameworks (each imports its framework: install the matching extra)."""
