@@ -50,7 +50,6 @@ from websockets.exceptions import ConnectionClosed
 from .audio.decode import OpusDecoder, decode_audio, decode_pcm
 from .errors import InternalError, InvalidRequest, ServerError
 from .protocol import (
-    PATH,
     AudioReceived,
     ClientSession,
     Hello,
@@ -63,6 +62,7 @@ from .protocol import (
     Violation,
 )
 from .protocol.client import Event
+from .protocol.wire import endpoint
 
 __all__ = [
     "Chunk",
@@ -83,12 +83,6 @@ log = logging.getLogger(__name__)
 DEFAULT_QUEUE_SIZE = 256  # items per stream: ~25 s of PCM audio at 100 ms a chunk
 StreamId = str | int
 Outcome = Literal["done", "cancelled", "error"]
-
-
-def ws_url(url: str) -> str:
-    """``ws://HOST:PORT`` (or the full endpoint URL) -> the protocol's endpoint URL."""
-    url = url.rstrip("/")
-    return url if url.endswith(PATH) else url + PATH
 
 
 # -- decoded results -------------------------------------------------------------------------
@@ -699,7 +693,7 @@ class _Connect:
     async def _open(self) -> Connection:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
         ws = await ws_connect(
-            ws_url(self.url), additional_headers=headers, max_size=None, **self.kwargs
+            endpoint(self.url), additional_headers=headers, max_size=None, **self.kwargs
         )
         session = await handshake(ws)
         return Connection(ws, session, self.queue_size)
@@ -725,18 +719,12 @@ async def handshake(ws: ClientConnection) -> ClientSession:
     """
     session = ClientSession()
     try:
-        first = await ws.recv()
+        session.expect_hello(await ws.recv())
     except ConnectionClosed as e:
         raise ServerError("connection_closed", "the server closed before hello") from e
-    events = (
-        session.receive_bytes(first) if isinstance(first, bytes) else session.receive_text(first)
-    )
-    if session.hello is None:
+    except ServerError:
         await ws.close()
-        refusal = next((e for e in events if isinstance(e, StreamError)), None)
-        if refusal is not None:
-            raise ServerError(refusal.code, refusal.message)
-        raise InternalError("the server did not start with hello")
+        raise
     return session
 
 
@@ -795,7 +783,7 @@ class Client:
     @classmethod
     async def connect(cls, url: str, token: str | None = None, **kwargs: Any) -> Client:
         headers = {"Authorization": f"Bearer {token}"} if token else None
-        ws = await ws_connect(ws_url(url), additional_headers=headers, max_size=None, **kwargs)
+        ws = await ws_connect(endpoint(url), additional_headers=headers, max_size=None, **kwargs)
         return cls(ws, await handshake(ws))
 
     async def __aenter__(self) -> Client:

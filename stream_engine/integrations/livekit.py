@@ -58,8 +58,8 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
+from ..errors import ServerError
 from ..protocol import (
-    PATH,
     AudioReceived,
     ClientSession,
     SegmentStarted,
@@ -67,6 +67,7 @@ from ..protocol import (
     StreamDone,
     StreamError,
     Violation,
+    endpoint,
 )
 
 __all__ = ["TTS", "ChunkedStream", "SynthesizeStream"]
@@ -215,8 +216,7 @@ class TTS(tts.TTS):
             sample_rate=sample_rate,
             num_channels=1,
         )
-        url = url.rstrip("/")
-        self._url = url if url.endswith(PATH) else url + PATH
+        self._url = endpoint(url)
         self._token = token
         self._opts: dict[str, Any] = {
             "voice": voice,
@@ -285,16 +285,10 @@ class TTS(tts.TTS):
                 ws = await ws_connect(self._url, additional_headers=headers, max_size=None)
                 session = ClientSession()
                 first = await ws.recv()
-            if isinstance(first, bytes):
-                events: list[Any] = session.receive_bytes(first)
-            else:
-                events = session.receive_text(first)
-            hello = session.hello
-            if hello is None:
-                refusal = next((e for e in events if isinstance(e, StreamError)), None)
-                if refusal is not None:
-                    raise _status_error(refusal)
-                raise APIConnectionError("the server did not start with hello", retryable=False)
+            try:
+                hello = session.expect_hello(first)
+            except ServerError as e:  # turned away (e.g. too many connections), or no hello
+                raise _status_error(StreamError(None, e.code, e.message)) from None
             if self.sample_rate not in hello.sample_rates.get(FORMAT, ()):
                 raise APIStatusError(
                     f"the server offers {FORMAT} at {hello.sample_rates.get(FORMAT)} Hz, "

@@ -42,14 +42,15 @@ with warnings.catch_warnings():
     from pipecat.services.tts_service import TextAggregationMode, WebsocketTTSService
     from pipecat.utils.errors import ErrorCategory
 
+from ..errors import ServerError
 from ..protocol import (
-    PATH,
     AudioReceived,
     ClientSession,
     StreamCancelled,
     StreamDone,
     StreamError,
     Violation,
+    endpoint,
 )
 from ..protocol.client import Event
 
@@ -67,12 +68,6 @@ CATEGORIES: dict[str, ErrorCategory] = {
     "limit": ErrorCategory.RATE_LIMIT,
     "internal": ErrorCategory.SERVER,
 }
-
-
-def endpoint(url: str) -> str:
-    """``ws://HOST:PORT`` (or the endpoint's URL itself) -> the protocol's endpoint URL."""
-    url = url.rstrip("/")
-    return url if url.endswith(PATH) else url + PATH
 
 
 class StreamEngineTTSService(WebsocketTTSService):
@@ -175,11 +170,7 @@ class StreamEngineTTSService(WebsocketTTSService):
         try:
             websocket = await self._websocket_connect(self._url, additional_headers=headers)
             first = await asyncio.wait_for(websocket.recv(), self._hello_timeout_s)
-            if isinstance(first, str):
-                events = session.receive_text(first)
-            else:
-                events = session.receive_bytes(first)
-            problem = self._check_hello(session, events)
+            problem = self._check_hello(session, first)
         except Exception as e:
             problem = ErrorFrame(f"cannot connect to {self._url}: {e}", exception=e)
         if problem is None:
@@ -196,16 +187,13 @@ class StreamEngineTTSService(WebsocketTTSService):
         await self.push_error_frame(problem)
         await self._call_event_handler("on_connection_error", problem.error)
 
-    def _check_hello(self, session: ClientSession, events: list[Event]) -> ErrorFrame | None:
-        hello = session.hello
-        if hello is None:
-            for event in events:
-                if isinstance(event, StreamError):  # turned away (e.g. too many connections)
-                    return ErrorFrame(
-                        f"{self._url} refused the connection: {event.code}: {event.message}",
-                        category=CATEGORIES.get(event.code),
-                    )
-            return ErrorFrame(f"{self._url} sent no hello: {events}")
+    def _check_hello(self, session: ClientSession, first: str | bytes) -> ErrorFrame | None:
+        try:
+            hello = session.expect_hello(first)
+        except ServerError as e:  # turned away (e.g. too many connections), or no hello
+            return ErrorFrame(
+                f"{self._url} refused the connection: {e}", category=CATEGORIES.get(e.code)
+            )
         offered = hello.sample_rates.get(FORMAT, ())
         if self.sample_rate not in offered:
             return ErrorFrame(

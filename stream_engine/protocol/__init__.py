@@ -42,6 +42,7 @@ from .wire import (
     TERMINAL,
     UINT32_MAX,
     StreamId,
+    endpoint,
 )
 
 __all__ = [
@@ -77,4 +78,5 @@ __all__ = [
     "StreamId",
     "StreamSpec",
     "Violation",
+    "endpoint",
 ]

@@ -32,7 +32,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import InvalidRequest
+from ..errors import InvalidRequest, ServerError
 from .wire import HEADER, MAX_INT_ID, PROTOCOL_VERSION, SAMPLE_BYTES, SERVER_TYPES, StreamId
 
 # -- events ----------------------------------------------------------------------------------
@@ -245,6 +245,21 @@ class ClientSession:
         stream.cancelling = True
         self._send({"type": "cancel", "id": id})
         return True
+
+    def expect_hello(self, frame: str | bytes) -> Hello:
+        """The server's first frame, which must be its ``hello``.
+
+        Raises :class:`~stream_engine.errors.ServerError` with the server's code when it turns
+        the connection away instead (an ``error`` with id null: ``limit``), and with code
+        ``protocol_error`` for anything else.
+        """
+        events = self.receive_bytes(frame) if isinstance(frame, bytes) else self.receive_text(frame)
+        if self.hello is not None:
+            return self.hello
+        for event in events:
+            if isinstance(event, StreamError):
+                raise ServerError(event.code, event.message)
+        raise ServerError("protocol_error", "the server did not start with hello")
 
     def data_to_send(self) -> list[str]:
         """The text frames to send, in order."""

@@ -11,6 +11,13 @@ from typing import Final
 PROTOCOL_VERSION: Final = 1
 PATH: Final = "/v1/tts"
 
+
+def endpoint(url: str) -> str:
+    """``ws://HOST:PORT`` (or the endpoint's own URL) -> the endpoint's URL."""
+    url = url.rstrip("/")
+    return url if url.endswith(PATH) else url + PATH
+
+
 #: Binary frame header: stream number, segment index, sequence number (uint32, little-endian).
 HEADER: Final = struct.Struct("<III")
 UINT32_MAX: Final = 0xFFFF_FFFF

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from stream_engine.errors import InvalidRequest, LimitExceeded
+from stream_engine.errors import InvalidRequest, LimitExceeded, ServerError
 from stream_engine.protocol import (
     HEADER,
     AudioReceived,
@@ -25,6 +25,7 @@ from stream_engine.protocol import (
     StreamDone,
     StreamError,
     Violation,
+    endpoint,
 )
 
 VOICES = ["v2/en_speaker_0", "v2/en_speaker_1"]
@@ -229,3 +230,24 @@ def test_connection_lost_ends_every_open_stream():
     assert client.connection_lost() == ["a", 2]
     with pytest.raises(InvalidRequest):
         client.speak("c", "z")
+
+
+def test_expect_hello():
+    session = ClientSession()
+    hello = {"type": "hello", "protocol": 1, "model": "m", "sample_rate": 24000}
+    assert session.expect_hello(json.dumps(hello)).model == "m"
+    refused = ClientSession()
+    with pytest.raises(ServerError) as info:
+        refused.expect_hello(
+            json.dumps({"type": "error", "id": None, "code": "limit", "message": "too many"})
+        )
+    assert info.value.code == "limit"
+    for first in (b"\0" * 20, json.dumps({"type": "started", "id": 1}), "junk"):
+        with pytest.raises(ServerError) as info:
+            ClientSession().expect_hello(first)
+        assert info.value.code == "protocol_error"
+
+
+def test_endpoint():
+    assert endpoint("ws://h:1") == endpoint("ws://h:1/") == "ws://h:1/v1/tts"
+    assert endpoint("wss://h/v1/tts") == "wss://h/v1/tts"
