@@ -25,6 +25,18 @@ for an ``error`` message it received.
 
 from __future__ import annotations
 
+#: The HTTP status that answers each protocol error code (the speech endpoint, and the
+#: integrations' errors for frameworks that speak HTTP statuses).
+HTTP_STATUS = {
+    "bad_request": 400,
+    "unknown_voice": 400,
+    "unsupported_format": 400,
+    "text_too_long": 400,
+    "limit": 429,
+    "busy": 503,
+    "internal": 500,
+}
+
 
 class StreamEngineError(Exception):
     """Base of every error raised on purpose by stream-engine."""

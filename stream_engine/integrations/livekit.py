@@ -58,7 +58,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
-from ..errors import ServerError
+from ..errors import HTTP_STATUS, ServerError
 from ..protocol import (
     AudioReceived,
     ClientSession,
@@ -74,22 +74,12 @@ __all__ = ["TTS", "ChunkedStream", "SynthesizeStream"]
 
 FORMAT = "pcm_s16le"
 CANCEL_TIMEOUT = 5.0  # seconds to wait for ``cancelled`` before dropping the connection
-# protocol error code -> HTTP status, as the server's HTTP API answers them
-STATUS = {
-    "bad_request": 400,
-    "unknown_voice": 400,
-    "unsupported_format": 400,
-    "text_too_long": 400,
-    "limit": 429,
-    "busy": 503,
-    "internal": 500,
-}
 
 
 def _status_error(error: StreamError) -> APIStatusError:
     return APIStatusError(
         f"{error.code}: {error.message}",
-        status_code=STATUS.get(error.code, 500),
+        status_code=HTTP_STATUS.get(error.code, 500),
         request_id=None if error.id is None else str(error.id),
         body=error.code,
     )

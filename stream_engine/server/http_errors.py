@@ -11,7 +11,7 @@ from typing import Any
 
 from starlette.responses import JSONResponse, Response
 
-from ..errors import StreamEngineError
+from ..errors import HTTP_STATUS, StreamEngineError
 
 _TYPES = {
     400: "invalid_request_error",
@@ -23,16 +23,7 @@ _TYPES = {
     500: "server_error",
     503: "server_error",
 }
-# protocol error code -> HTTP status
-STATUS = {
-    "bad_request": 400,
-    "unknown_voice": 400,
-    "unsupported_format": 400,
-    "text_too_long": 400,
-    "limit": 429,
-    "busy": 503,
-    "internal": 500,
-}
+STATUS = HTTP_STATUS  # protocol error code -> HTTP status
 
 
 class ApiError(Exception):
