@@ -384,6 +384,12 @@ class ServerConfig:
         lo=1,
         hi=100_000,
     )
+    server_name: str | None = setting(
+        None,
+        "this server's name in every hello and in /healthz (default: HOST-PID; on Ray Serve, "
+        "the replica's id)",
+        metavar="NAME",
+    )
     voices_dir: str | None = setting(
         None,
         "users' voices (NAME.npz), loaded, added and deleted here",

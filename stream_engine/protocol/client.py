@@ -48,6 +48,7 @@ class Hello:
     formats: tuple[str, ...]
     sample_rates: dict[str, tuple[int, ...]]
     limits: dict[str, Any]
+    server: str | None  # the server (replica) the connection reached, when it says
     message: dict[str, Any]  # the message itself (later versions may add fields)
 
 
@@ -356,6 +357,7 @@ class ClientSession:
                 tuple(str(f) for f in message.get("formats", [])),
                 {str(f): tuple(int(r) for r in rs) for f, rs in rates.items()},
                 dict(message.get("limits", {})),
+                None if message.get("server") is None else str(message["server"]),
                 message,
             )
         except (KeyError, TypeError, ValueError, AttributeError):

@@ -219,7 +219,10 @@ class Session:
         sample_rate: int = 24_000,
         formats: Sequence[str] = FORMATS,
         limits: ProtocolLimits | None = None,
+        server: str | None = None,
     ) -> None:
+        """``server``: the name of the server (or replica) this connection reached; it is in the
+        hello when given, so that a client behind a load balancer can tell where it landed."""
         unknown = [f for f in formats if f not in SAMPLE_RATES]
         if unknown:
             raise InvalidOption(f"unknown format(s) {unknown}; known: {list(FORMATS)}")
@@ -248,6 +251,7 @@ class Session:
                 "formats": list(self.formats),
                 "sample_rates": {f: list(SAMPLE_RATES[f]) for f in self.formats},
                 "limits": lim.as_dict(),
+                **({"server": server} if server is not None else {}),
             }
         )
 

@@ -49,6 +49,7 @@ Frame = str | bytes
 class ConnectionContext:
     """What a connection may use of the server."""
 
+    server: str  # this server's name (a replica's id): in every hello
     engine: Engine  # names the model and its rate; builds each segment's request
     voices: Mapping[str, VoicePrompt]  # the voices offered now (built in and added)
     limits: ProtocolLimits
@@ -75,6 +76,7 @@ class Connection:
             voices=ctx.voices.keys(),
             sample_rate=ctx.engine.sample_rate,
             limits=ctx.limits,
+            server=ctx.server,
         )
         self.jobs: dict[int, Job] = {}
         self.frames: deque[Frame] = deque()

@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -69,7 +71,9 @@ class Service:
                 depths=lambda: {n: w for n, (w, _) in engine.runtime.depths().items()},
             )
         )
+        self.name = self.config.server_name or f"{socket.gethostname()}-{os.getpid()}"
         self.context = ConnectionContext(
+            self.name,
             engine,
             self.voices.prompts,
             self.limits,
@@ -118,6 +122,7 @@ class Service:
     def health(self) -> dict[str, Any]:
         return {
             "status": "draining" if self.draining else "ok",
+            "server": self.name,
             "model": self.engine.name,
             "device": str(self.engine.device),
             "connections": len(self.connections),

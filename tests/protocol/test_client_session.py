@@ -251,3 +251,13 @@ def test_expect_hello():
 def test_endpoint():
     assert endpoint("ws://h:1") == endpoint("ws://h:1/") == "ws://h:1/v1/tts"
     assert endpoint("wss://h/v1/tts") == "wss://h/v1/tts"
+
+
+def test_the_hello_names_the_server_when_it_is_given():
+    named = ClientSession()
+    (hello,) = named.receive_text(
+        Session(model="m", voices=VOICES, server="replica-7").data_to_send()[0]
+    )
+    assert hello.server == "replica-7" and hello.message["server"] == "replica-7"
+    (anonymous,) = ClientSession().receive_text(Session(model="m", voices=VOICES).data_to_send()[0])
+    assert anonymous.server is None and "server" not in anonymous.message

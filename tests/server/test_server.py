@@ -197,6 +197,7 @@ async def test_http_endpoints(server):
     assert status == 200 and ctype == "application/json"
     health = json.loads(body)
     assert health["status"] == "ok" and health["model"] == "random:tiny"
+    assert health["server"] == c.hello["server"] == server.service.name
     status, ctype, body = await asyncio.to_thread(http_get, server, "/metrics")
     assert status == 200 and ctype.startswith("text/plain")
     samples = {  # prometheus_client's own parser reads it
