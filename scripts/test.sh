@@ -18,7 +18,7 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 # torch first, pinned: on this machine kind 2.13.0 is the CPU wheel on local disk
 .venv/bin/pip install -q "torch==2.13.0"
-.venv/bin/pip install -q -e ".[dev,pipecat,livekit]"
+.venv/bin/pip install -q -e ".[dev,pipecat,livekit,ray]"
 .venv/bin/ruff format --check stream_engine tests benchmarks clients
 .venv/bin/ruff check stream_engine tests benchmarks clients
 .venv/bin/mypy  # the package, integrations included (pyproject.toml)

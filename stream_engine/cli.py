@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import codecs
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -25,7 +26,8 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from .config import SECTIONS, load_settings, setting_fields
+from .config import SECTIONS, Settings, load_settings, setting_fields
+from .server.scaling import Scaling
 
 
 def write_wav(path: str, audio: np.ndarray, sample_rate: int) -> None:
@@ -151,6 +153,29 @@ def parser() -> argparse.ArgumentParser:
         help="settings from a TOML file: tables [engine], [server], [limits], [segmenter], keys "
         "as the flags below with underscores; flags override it",
     )
+    ray = serve.add_argument_group(
+        "Ray Serve (pip install 'stream-engine[ray]'; docs/ray.md)",
+        "--host and --port are then those of Serve's proxy, which spreads connections over "
+        "the replicas; each replica loads the model",
+    )
+    ray.add_argument("--ray", action="store_true", help="serve on Ray Serve")
+    ray.add_argument("--replicas", type=int, default=None, metavar="N", help="a fixed number")
+    ray.add_argument("--min-replicas", type=int, default=None, metavar="N", help="autoscale")
+    ray.add_argument("--max-replicas", type=int, default=None, metavar="N", help="autoscale")
+    ray.add_argument(
+        "--target-connections",
+        type=float,
+        default=None,
+        metavar="X",
+        help="open connections per replica that autoscaling aims at (default: "
+        f"{Scaling.target_connections})",
+    )
+    ray.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDRESS",
+        help="join this Ray cluster (default: $RAY_ADDRESS, else start a local one)",
+    )
     serve.add_argument(
         "--trace",
         default=None,
@@ -213,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(args: argparse.Namespace) -> int:
     # every setting is checked before the model loads: a bad flag fails at once
     settings = load_settings(args.config, setting_overrides(args))
+    if args.ray:
+        return _serve_ray(args, settings)
     from .engine import Engine
     from .server.app import Server
 
@@ -233,6 +260,36 @@ def _serve(args: argparse.Namespace) -> int:
         if trace is not None:
             n = trace.chrome(args.trace)
             logging.getLogger(__name__).info("wrote %d stage steps to %s", n, args.trace)
+    return 0
+
+
+def _serve_ray(args: argparse.Namespace, settings: Settings) -> int:
+    from .errors import InvalidOption
+    from .server.ray_serve import ReplicaArgs, run
+
+    if args.trace:
+        raise InvalidOption("--trace is for one process; on Ray Serve each replica has its own")
+    if args.replicas is not None and (args.min_replicas or args.max_replicas):
+        raise InvalidOption("--replicas, or --min-replicas/--max-replicas: not both")
+    autoscale = args.min_replicas is not None or args.max_replicas is not None
+    lo = args.min_replicas if args.min_replicas is not None else 1
+    hi = args.max_replicas if args.max_replicas is not None else max(lo, 1)
+    if min(lo, hi) < 1 or lo > hi or (args.replicas is not None and args.replicas < 1):
+        raise InvalidOption("replica counts must be >= 1, and --min-replicas <= --max-replicas")
+    scaling = Scaling(
+        replicas=None if autoscale else (args.replicas or 1),
+        min_replicas=lo,
+        max_replicas=hi,
+        target_connections=args.target_connections or Scaling.target_connections,
+        graceful_shutdown_timeout_s=settings.server.shutdown_timeout_s + 30.0,
+    )
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    tables = {name: dataclasses.asdict(getattr(settings, name)) for name in SECTIONS}
+    replica = ReplicaArgs(args.model, args.device, args.dtype, tables)
+    address = args.ray_address or os.environ.get("RAY_ADDRESS")
+    run(replica, scaling, settings.server.host, settings.server.port, address)
     return 0
 
 
