@@ -95,9 +95,19 @@ def build(args: Mapping[str, Any]) -> Any:
         from ..errors import InvalidOption
 
         raise InvalidOption(f"unknown argument(s) {unknown}; known: {sorted(known)}")
-    replica = ReplicaArgs(**dict(args))
-    settings_from(replica.settings)  # every setting is checked here, before a replica starts
-    return _deployment().bind(replica)
+    return application(ReplicaArgs(**dict(args)))
+
+
+def application(
+    args: ReplicaArgs, scaling: Scaling | None = None, cluster_gpus: float = 0.0
+) -> Any:
+    """The deployment bound to ``args``, as ``serve.run`` takes it. ``scaling``: replicas and
+    autoscaling (None: Serve's defaults, or a config file's ``deployments`` section)."""
+    settings_from(args.settings)  # every setting is checked here, before a replica starts
+    deployment = _deployment()
+    if scaling is not None:
+        deployment = deployment.options(**scaling.deployment_options(cluster_gpus))
+    return deployment.bind(args)
 
 
 class _MetricsBridge:
@@ -158,13 +168,12 @@ def run(
     import ray
     from ray import serve
 
-    settings_from(args.settings)  # fail before starting anything
+    application(args)  # check every setting before starting anything
     ray.init(address=address, _temp_dir=temp_dir, include_dashboard=False)
     try:
         serve.start(http_options={"host": host, "port": port})
         gpus = float(ray.cluster_resources().get("GPU", 0.0))
-        app = _deployment().options(**scaling.deployment_options(gpus)).bind(args)
-        serve.run(app, name=APP_NAME, route_prefix="/")
+        serve.run(application(args, scaling, gpus), name=APP_NAME, route_prefix="/")
         log.info(
             "serving %s on Ray Serve at ws://%s:%d/v1/tts and http://%s:%d/v1/audio/speech",
             args.model,
@@ -190,4 +199,4 @@ def run(
         ray.shutdown()
 
 
-__all__ = ["APP_NAME", "DEPLOYMENT_NAME", "ReplicaArgs", "Scaling", "build", "run"]
+__all__ = ["APP_NAME", "DEPLOYMENT_NAME", "ReplicaArgs", "Scaling", "application", "build", "run"]
