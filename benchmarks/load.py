@@ -41,6 +41,12 @@ compared on runs close in time, ``ours`` then ``http`` in even rounds and ``http
 ``ours`` in odd ones (a drift of the machine's speed over two rounds hits both alike), then
 ``early``, then ``naive``.
 
+With ``--ray`` a side ``ray`` runs the same rounds (the same clients, word by word over the
+WebSocket) through Ray Serve's proxy to one replica of the same model (local Ray; the replica
+is a process of its own with as many torch threads as this one): the table's ``ray/ours``
+line is what the proxy hop costs. Its engine is not this process's, so its rounds have no
+engine summary.
+
 Goals (printed as PASS/FAIL, computed from this run):
 
 * our throughput at 4 clients >= 1.8x our throughput at 1 client;
@@ -299,7 +305,7 @@ async def run_side(
 
 
 # how each side sends its text (the table's "text" column, and the JSON's)
-SENT = {"ours": "words", "early": "words", "naive": "words", "http": "whole"}
+SENT = {"ours": "words", "early": "words", "naive": "words", "http": "whole", "ray": "words"}
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -379,14 +385,15 @@ def print_table(n: int, sentences: int, sides: dict[str, dict[str, Any]]) -> Non
             ratio = o["audio_s_per_wall_s"] / v["audio_s_per_wall_s"]
             print(f"throughput ours/naive {ratio:.2f}", end="")
         print()
-    if "ours" in sides and "http" in sides:
-        o, h = sides["ours"], sides["http"]
-        if o["ttfa_p50_s"] and h["ttfa_p50_s"]:
-            print(f"TTFA p50 http/ours {h['ttfa_p50_s'] / o['ttfa_p50_s']:.2f}", end="; ")
-        if o["audio_s_per_wall_s"] and h["audio_s_per_wall_s"]:
-            ratio = h["audio_s_per_wall_s"] / o["audio_s_per_wall_s"]
-            print(f"throughput http/ours {ratio:.2f}", end="")
-        print()
+    for other in ("http", "ray"):
+        if "ours" in sides and other in sides:
+            o, h = sides["ours"], sides[other]
+            if o["ttfa_p50_s"] and h["ttfa_p50_s"]:
+                print(f"TTFA p50 {other}/ours {h['ttfa_p50_s'] / o['ttfa_p50_s']:.2f}", end="; ")
+            if o["audio_s_per_wall_s"] and h["audio_s_per_wall_s"]:
+                ratio = h["audio_s_per_wall_s"] / o["audio_s_per_wall_s"]
+                print(f"throughput {other}/ours {ratio:.2f}", end="")
+            print()
     print("text: words = sent word by word over the WebSocket; whole = the paragraph in one POST")
 
 
@@ -509,6 +516,10 @@ async def bench(args: argparse.Namespace, engine: Engine) -> dict[int, dict[str,
         naive = NaiveServer(engine)
         await naive.start()
         servers["naive"] = naive
+    ray_proxy = None
+    if args.ray:
+        ray_proxy = await asyncio.to_thread(RayProxy.start, args, top)
+        servers["ray"] = ray_proxy
     pool = SHORT_SENTENCES if args.short else SENTENCES
     by_n: dict[int, dict[str, dict[str, Any]]] = {}
     trace = StepTrace()
@@ -534,7 +545,7 @@ async def bench(args: argparse.Namespace, engine: Engine) -> dict[int, dict[str,
                     )
                     t1 = time.perf_counter()
                     print(f"N={n} {name}: round took {t1 - t0:.1f} s", flush=True)
-                    if name != "naive":
+                    if name not in ("naive", "ray"):  # those engines are not this process's
                         steps[name].append(engine_summary(trace, t0, t1))
                         if args.trace:
                             path = f"{args.trace}-{name}-{n}c-r{r}.json"
@@ -548,7 +559,55 @@ async def bench(args: argparse.Namespace, engine: Engine) -> dict[int, dict[str,
         await ours.stop(timeout=0)
         if args.naive:
             await servers["naive"].stop()
+        if ray_proxy is not None:
+            await asyncio.to_thread(ray_proxy.stop)
     return by_n
+
+
+class RayProxy:
+    """Our server on Ray Serve, in local Ray: one replica of the same model behind Serve's
+    proxy (the side ``ray``; the replica is a process of its own, with its own engine)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    @classmethod
+    def start(cls, args: argparse.Namespace, clients: int) -> RayProxy:
+        import socket
+        import tempfile
+
+        import ray
+        import torch
+        from ray import serve
+
+        from stream_engine.server.ray_serve import APP_NAME, ReplicaArgs, Scaling, application
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        threads = torch.get_num_threads()  # the replica gets as many as this process
+        ray.init(
+            num_cpus=threads,
+            _temp_dir=tempfile.mkdtemp(prefix="ray-"),
+            include_dashboard=False,
+            log_to_driver=False,
+        )
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        engine: dict[str, Any] = {}
+        if args.decode_kernel is not None:
+            engine["cpu_decode_kernel"] = args.decode_kernel
+        settings = {"engine": engine, "server": {"max_connections": max(64, clients)}}
+        replica = ReplicaArgs(args.model, args.device, args.dtype, settings)
+        scaling = Scaling(replicas=1, num_cpus=threads, max_connections=max(16, clients))
+        serve.run(application(replica, scaling), name=APP_NAME, route_prefix="/")
+        return cls(port)
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
 
 
 def main() -> int:
@@ -567,6 +626,11 @@ def main() -> int:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="also a side 'http': our server through POST /v1/audio/speech (openai SDK)",
+    )
+    ap.add_argument(
+        "--ray",
+        action="store_true",
+        help="also a side 'ray': the same clients through Ray Serve's proxy to one replica",
     )
     ap.add_argument(
         "--naive-max-clients",
