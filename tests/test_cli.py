@@ -216,3 +216,49 @@ def test_serve_hands_the_settings_to_the_engine_and_the_server(monkeypatch):
         SegmenterConfig(first_max_words=9),
     )
     assert seen["served"] is True
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--ray", "--replicas", "2", "--max-replicas", "3"],
+        ["--ray", "--min-replicas", "3", "--max-replicas", "2"],
+        ["--ray", "--replicas", "0"],
+        ["--ray", "--trace", "steps.json"],
+    ],
+)
+def test_bad_ray_flags_exit_2_before_starting_ray(no_model, monkeypatch, capsys, argv):
+    from stream_engine.server import ray_serve
+
+    def run(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(ray_serve, "run", run)
+    assert cli.main(["serve", "--model", "random:tiny", *argv]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_serve_ray_hands_every_setting_to_the_replicas(no_model, monkeypatch):
+    from stream_engine.server import ray_serve
+
+    seen: dict[str, object] = {}
+
+    def run(replica, scaling, host, port, address=None, temp_dir=None):
+        seen.update(replica=replica, scaling=scaling, at=(host, port, address))
+
+    monkeypatch.setattr(ray_serve, "run", run)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    argv = ["serve", "--ray", "--model", "random:tiny", "--port", "8000", "--max-streams", "3"]
+    argv += ["--min-replicas", "1", "--max-replicas", "4", "--target-connections", "3"]
+    assert cli.main(argv) == 0
+    replica, scaling = seen["replica"], seen["scaling"]
+    assert replica.model == "random:tiny" and replica.settings["limits"]["max_streams"] == 3
+    assert (scaling.replicas, scaling.min_replicas, scaling.max_replicas) == (None, 1, 4)
+    assert scaling.target_connections == 3.0
+    assert seen["at"] == ("127.0.0.1", 8000, None)
+    options = scaling.deployment_options(cluster_gpus=0)
+    assert options["autoscaling_config"]["max_replicas"] == 4
+    assert options["ray_actor_options"]["num_gpus"] == 0
+    assert scaling.deployment_options(cluster_gpus=8)["ray_actor_options"]["num_gpus"] == 1
+    # every table reaches the replicas in a form the settings loader reads back
+    assert ray_serve.settings_from(replica.settings).limits.max_streams == 3

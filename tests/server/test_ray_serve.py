@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+import urllib.request
 
 import numpy as np
 import openai
 import pytest
 import pytest_asyncio
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from stream_engine.client import ServerError, connect
 from stream_engine.errors import StreamEngineError
@@ -47,11 +49,15 @@ def running_replicas() -> int:
     return int(status.replica_states.get("RUNNING", 0))
 
 
+METRICS_PORT = free_port()  # Ray's metrics export, where Prometheus scrapes the replicas
+
+
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory):
     """Ray, Serve's proxy on a free port, and the app with two replicas: the proxy's URL."""
     port = free_port()
     ray.init(
+        _metrics_export_port=METRICS_PORT,
         num_cpus=2 * torch.get_num_threads(),
         _temp_dir=str(tmp_path_factory.mktemp("ray")),
         include_dashboard=False,
@@ -116,6 +122,22 @@ async def test_the_speech_endpoint_streams_through_the_proxy(proxy, direct):
     through, first_at, total = await pcm(proxy)
     assert first_at < total / 2  # streamed, not buffered by the proxy
     assert through == (await pcm(direct))[0]
+
+
+async def test_every_replicas_metrics_reach_rays_export(proxy):
+    await asyncio.gather(*(speak(proxy, TEXT, seed=i) for i in range(4)))
+    url = f"http://127.0.0.1:{METRICS_PORT}/metrics"
+    deadline, found = time.monotonic() + 90, set()
+    while time.monotonic() < deadline:
+        text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read())
+        for family in text_string_to_metric_families(text.decode()):
+            for sample in family.samples:
+                if sample.name == "ray_stream_engine_streams_total" and sample.value > 0:
+                    found.add(sample.labels["replica"])
+        if len(found) >= 2:
+            break
+        await asyncio.sleep(2)
+    assert len(found) >= 2, found  # both replicas' own counts, tagged with the replica
 
 
 async def test_a_replica_that_dies_ends_its_streams_and_is_replaced(proxy):
