@@ -281,7 +281,9 @@ def _serve_ray(args: argparse.Namespace, settings: Settings) -> int:
         min_replicas=lo,
         max_replicas=hi,
         target_connections=args.target_connections or Scaling.target_connections,
-        graceful_shutdown_timeout_s=settings.server.shutdown_timeout_s + 30.0,
+        graceful_shutdown_timeout_s=max(
+            Scaling.graceful_shutdown_timeout_s, settings.server.shutdown_timeout_s + 30.0
+        ),
     )
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
