@@ -169,3 +169,35 @@ async def test_a_replica_that_dies_ends_its_streams_and_is_replaced(proxy):
     assert running_replicas() == 2  # Serve started a replacement
     names = {name for name, _ in await asyncio.gather(*(speak(proxy, TEXT, 1) for _ in range(6)))}
     assert victim not in names and len(names) >= 1  # new connections work
+
+
+async def test_scaling_down_lets_the_removed_replicas_streams_finish(proxy):
+    """Serve removes a replica: its streams in progress end with done, not cut."""
+    conns = [await connect(proxy) for _ in range(6)]
+    try:
+        by_replica: dict[str, object] = {}
+        for conn in conns:
+            by_replica.setdefault(str(conn.hello["server"]), conn)
+        assert len(by_replica) == 2
+        streams = [await c.speak(LONG, final=True) for c in by_replica.values()]  # type: ignore[attr-defined]
+        for stream in streams:
+            await anext(aiter(stream))  # both are speaking
+        args = ReplicaArgs(model="random:tiny", device="cpu")
+        scaling = Scaling(replicas=1, num_cpus=torch.get_num_threads())
+        # serve.run returns once the removed replica is gone, which waits for its connections
+        scaled = asyncio.create_task(
+            asyncio.to_thread(
+                serve.run, application(args, scaling), name=APP_NAME, route_prefix="/"
+            )
+        )
+        for stream in streams:
+            assert (await stream.collect()).size > 0
+            assert stream.outcome == "done"  # no utterance cut in the middle
+    finally:
+        for conn in conns:
+            await conn.close()
+    await scaled
+    deadline = time.monotonic() + 120
+    while running_replicas() != 1 and time.monotonic() < deadline:
+        await asyncio.sleep(1)
+    assert running_replicas() == 1
