@@ -119,6 +119,7 @@ def test_every_default_is_valid_and_the_fields_are_unchanged():
         "shutdown_timeout_s",
         "continuity",
         "early_audio_frames",
+        "server_name",
         "voices_dir",
         "voice_aliases",
     ]
