@@ -78,6 +78,7 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -214,10 +215,22 @@ async def run_round(
 ) -> tuple[list[StreamResult], float]:
     """All clients connect, then start together; returns their results and the round's wall."""
     clients = await asyncio.gather(*(Client.connect(url) for _ in texts))
+    return await start_together(
+        clients,
+        texts,
+        lambda c, i, t, go: run_client(c, i, t, voice, piece_delay, go, early_audio),
+    )
+
+
+async def start_together(
+    clients: list[Any], texts: list[str], run: Callable[..., Awaitable[StreamResult]]
+) -> tuple[list[StreamResult], float]:
+    """Run ``run(client, i, text, go)`` for every client, all released at once by ``go``;
+    close the clients; return the results and the round's wall time."""
     go = asyncio.Event()
     try:
         tasks = [
-            asyncio.create_task(run_client(c, i, t, voice, piece_delay, go, early_audio))
+            asyncio.create_task(run(c, i, t, go))
             for i, (c, t) in enumerate(zip(clients, texts, strict=True))
         ]
         go.set()
@@ -280,19 +293,9 @@ async def run_http_round(
         )
         for _ in texts
     ]
-    go = asyncio.Event()
-    try:
-        tasks = [
-            asyncio.create_task(run_http_client(api, i, t, voice, go))
-            for i, (api, t) in enumerate(zip(apis, texts, strict=True))
-        ]
-        go.set()
-        results = await asyncio.gather(*tasks)
-    finally:
-        await asyncio.gather(*(api.close() for api in apis), return_exceptions=True)
-    start = min(r.sent_at for r in results)
-    end = max(r.ended_at or time.perf_counter() for r in results)
-    return results, end - start
+    return await start_together(
+        apis, texts, lambda api, i, t, go: run_http_client(api, i, t, voice, go)
+    )
 
 
 async def run_side(
