@@ -1,12 +1,12 @@
 """``POST /v1/audio/speech``: OpenAI's speech API shape, streamed (``docs/http.md``).
 
-The request becomes one protocol v1 stream: its fields are turned into a ``speak`` message with
-``final: true`` and fed to a :class:`~.connection.Connection`, whose session validates them
-exactly as it validates a WebSocket client's (voice, options, text limits), and whose job
-segments the text and runs it through the engine. This module is the driver that reads the
-connection's frames and writes them into an HTTP body: audio frames go through a
-:class:`~stream_engine.audio.containers.ContainerEncoder` (PyAV), as a chunked body or as
-server-sent events.
+The request becomes one protocol v1 stream on a :class:`~.connection.Connection` of its own,
+with this driver as its client: the protocol's client core
+(:class:`~stream_engine.protocol.ClientSession`) builds the stream's ``speak`` (``final``),
+which the connection's session validates exactly as a WebSocket client's (voice, options, text
+limits), and reads what the connection sends back as typed events. The audio goes through a
+:class:`~stream_engine.audio.containers.ContainerEncoder` (PyAV) into the HTTP body, as a
+chunked body or as server-sent events.
 
 The status is chosen when the first audio is ready (or an error comes first): errors before it
 get OpenAI's error shape and status; an error after it ends the body without its last chunk,
@@ -29,7 +29,16 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from ..audio.containers import RESPONSE_FORMATS, ContainerEncoder
-from ..protocol import HEADER, OPTION_KEYS
+from ..protocol import (
+    OPTION_KEYS,
+    AudioReceived,
+    ClientSession,
+    StreamCancelled,
+    StreamDone,
+    StreamError,
+    Violation,
+)
+from ..protocol.client import Event
 from .connection import Connection, Frame
 from .http_errors import STATUS, ApiError
 from .service import Service
@@ -53,9 +62,12 @@ _PARAMS = {
 
 @dataclass(frozen=True)
 class SpeechRequest:
-    """A request body, its OpenAI fields checked; the rest is for the protocol session."""
+    """A request body, its OpenAI fields checked; the rest the protocol session checks."""
 
-    speak: dict[str, Any]  # the protocol v1 speak message that opens the stream
+    text: str
+    voice: str | None  # aliases resolved
+    options: dict[str, Any]  # Bark's options, as the body gave them
+    early_audio: Any  # as the body gave it (None: absent)
     response_format: str
     stream_format: str
 
@@ -101,19 +113,14 @@ def parse_request(body: bytes, voices: dict[str, str]) -> SpeechRequest:
         )
     if data.get("instructions"):
         raise ApiError(400, "instructions are not supported by Bark", "instructions", "bad_request")
-    speak: dict[str, Any] = {
-        "type": "speak",
-        "id": _STREAM_ID,
-        "text": text,
-        "final": True,
-        "voice": voices.get(voice, voice) if voice is not None else None,
-        "format": "pcm_f32le",
-        "sample_rate": 24_000,
-        "options": {k: data[k] for k in OPTION_KEYS if k in data} or None,
-    }
-    if "early_audio" in data:
-        speak["early_audio"] = data["early_audio"]
-    return SpeechRequest(speak, fmt, stream_format)
+    return SpeechRequest(
+        text,
+        voices.get(voice, voice) if voice is not None else None,
+        {k: data[k] for k in OPTION_KEYS if k in data},
+        data.get("early_audio"),
+        fmt,
+        stream_format,
+    )
 
 
 async def speech(request: Request) -> Response:
@@ -140,14 +147,14 @@ async def _speech(request: Request, service: Service) -> Response:
     except ClientDisconnect:
         raise ApiError(400, "the client went away", code="bad_request") from None
     parsed = parse_request(bytes(body), service.voices.aliases)
-    if len(parsed.speak["text"]) > service.limits.max_text_chars:
+    if len(parsed.text) > service.limits.max_text_chars:
         raise ApiError(
             400,
             f"input is over {service.limits.max_text_chars} characters",
             "input",
             "text_too_long",
         )
-    voice = parsed.speak["voice"]
+    voice = parsed.voice
     if voice is not None and voice not in service.voices.prompts:
         names = ", ".join(v["id"] for v in service.voices.describe())
         raise ApiError(
@@ -176,11 +183,25 @@ class SpeechResponse(Response):
             gone.set()
 
         conn = Connection(service.context, self.address, close)
-        writer = _BodyWriter(send, parsed)
+        # this driver is the stream's client: the protocol's client core builds its speak and
+        # reads what the connection sends back
+        client = ClientSession()
+        writer = _BodyWriter(send, parsed, client)
         service.speeches.add(conn)
         try:
-            conn.session.data_to_send()  # the hello: not for this client
-            conn.receive(json.dumps(parsed.speak))
+            client.expect_hello(conn.session.data_to_send()[0])
+            client.speak(
+                _STREAM_ID,
+                parsed.text,
+                final=True,
+                voice=parsed.voice,
+                format="pcm_f32le",
+                sample_rate=24_000,
+                options=parsed.options or None,
+                early_audio=parsed.early_audio,
+            )
+            for frame in client.data_to_send():
+                conn.receive(frame)
             sender = asyncio.create_task(conn.send_loop(writer.write))
             watcher = asyncio.create_task(_disconnected(receive))
             closed = asyncio.create_task(gone.wait())
@@ -218,14 +239,15 @@ class _End(Exception):
 
 
 class _BodyWriter:
-    """Turns the connection's frames into the HTTP response."""
+    """Turns the connection's frames, read by the client core, into the HTTP response."""
 
-    def __init__(self, send: Send, parsed: SpeechRequest) -> None:
+    def __init__(self, send: Send, parsed: SpeechRequest, client: ClientSession) -> None:
         self.send = send
+        self.client = client
         self.sse = parsed.stream_format == "sse"
         self.encoder = ContainerEncoder(parsed.response_format)
         self.content_type = "text/event-stream" if self.sse else self.encoder.content_type
-        self.options = [k for k in OPTION_KEYS if k in (parsed.speak["options"] or {})]
+        self.options = list(parsed.options)
         self.started = False
         self.finished = False
         self.status = 0  # the status sent (0: none yet)
@@ -233,13 +255,17 @@ class _BodyWriter:
 
     async def write(self, frame: Frame) -> None:
         if isinstance(frame, bytes):
-            audio = np.frombuffer(frame, "<f4", offset=HEADER.size)
-            await self._body(self.encoder.encode(audio))
-            return
-        message = json.loads(frame)
-        kind = message["type"]
-        if kind == "done":
-            if not self.started and not message["audio_ms"]:
+            events = self.client.receive_bytes(frame)
+        else:
+            events = self.client.receive_text(frame)
+        for event in events:
+            await self._event_of(event)
+
+    async def _event_of(self, event: Event) -> None:
+        if isinstance(event, AudioReceived):
+            await self._body(self.encoder.encode(np.frombuffer(event.payload, "<f4")))
+        elif isinstance(event, StreamDone):
+            if not self.started and not event.audio_ms:
                 self.error = ApiError(400, "input has nothing to speak", "input", "bad_request")
                 raise _End
             await self._body(self.encoder.close())
@@ -248,8 +274,8 @@ class _BodyWriter:
             await self.send({"type": "http.response.body", "body": b"", "more_body": False})
             self.finished = True
             raise _End
-        if kind in ("error", "cancelled"):
-            self.error = self._error(message)
+        elif isinstance(event, StreamError | StreamCancelled | Violation):
+            self.error = self._error(event)
             if self.started:  # the status has gone: the body ends without its last chunk
                 log.warning("speech request failed mid-stream: %s", self.error.message)
                 if self.sse:  # an event says so, and the body ends whole
@@ -258,16 +284,18 @@ class _BodyWriter:
                     self.finished = True
             raise _End
 
-    def _error(self, message: dict[str, Any]) -> ApiError:
-        if message["type"] == "cancelled":
+    def _error(self, event: StreamError | StreamCancelled | Violation) -> ApiError:
+        if isinstance(event, StreamCancelled):
             return ApiError(503, "server shutting down", code="busy")
-        code = message["code"]
-        param = _PARAMS.get(code)
-        if code == "bad_request":
-            param = next((k for k in self.options if k in message["message"]), None)
-            if param is None and "early_audio" in message["message"]:
+        if isinstance(event, Violation):  # a bug of ours: the log has it, the client not
+            log.error("speech request: the session broke the protocol: %s", event.what)
+            return ApiError(500, "internal error", code="internal")
+        param = _PARAMS.get(event.code)
+        if event.code == "bad_request":
+            param = next((k for k in self.options if k in event.message), None)
+            if param is None and "early_audio" in event.message:
                 param = "early_audio"
-        return ApiError(STATUS.get(code, 500), message["message"], param, code)
+        return ApiError(STATUS.get(event.code, 500), event.message, param, event.code)
 
     async def _body(self, data: bytes) -> None:
         if not self.started:
