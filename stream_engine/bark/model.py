@@ -245,6 +245,7 @@ class CausalSelfAttention(nn.Module):
         assert self.cache is not None
         B = x.size(0)
         if self.decode_kernel:
+            assert self.kernels is not None  # decode_kernel says so
             # the same attention (keys up to each slot's pos), without the mask's zeros
             qkv = self.att_proj(x).view(B, -1)  # (B, 3C)
             y = self.kernels.attention(qkv, self.cache.k, self.cache.v, pos)  # (B, C)
@@ -293,7 +294,8 @@ class CausalGPT(nn.Module):
         self.cfg = cfg
         self.input_embeds_layer = nn.Embedding(cfg.input_vocab_size, cfg.n_embd)
         self.position_embeds_layer = nn.Embedding(cfg.block_size, cfg.n_embd)
-        self.layers = nn.ModuleList([Block(cfg, causal=True) for _ in range(cfg.n_layer)])
+        self.blocks = [Block(cfg, causal=True) for _ in range(cfg.n_layer)]
+        self.layers = nn.ModuleList(self.blocks)  # the same blocks, registered (HF's names)
         self.layernorm_final = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.lm_head = Linear(cfg.n_embd, cfg.output_vocab_size, bias=False)
         self.slots = 0
@@ -304,14 +306,14 @@ class CausalGPT(nn.Module):
         """Allocate the KV cache for ``slots`` concurrent requests, once, up front."""
         max_len = max_len or self.cfg.block_size
         w = self.lm_head.weight
-        for block in self.layers:
+        for block in self.blocks:
             block.attn.cache = KVCache(
                 slots, self.cfg.n_head, max_len, self.cfg.head_dim, w.dtype, w.device
             )
         self.slots = slots
 
     def set_attn(self, impl: str) -> None:
-        for block in self.layers:
+        for block in self.blocks:
             block.attn.impl = impl
 
     def use_decode_kernel(
@@ -365,7 +367,7 @@ class CausalGPT(nn.Module):
         T = embeds.size(1)
         pos = torch.arange(T, device=embeds.device)
         x = embeds + self.position_embeds_layer(pos)[None]
-        *body, top = self.layers
+        *body, top = self.blocks
         for block in body:
             x = block._residual(x, block.attn.forward_prefill(block.layernorm_1(x), rows))
         y = top.attn.forward_prefill_last(top.layernorm_1(x), rows, last)  # (B, 1, C)
@@ -382,10 +384,10 @@ class CausalGPT(nn.Module):
         x = self.input_embeds_layer(ids) + self.position_embeds_layer(pos)  # (B, C)
         x = x[:, None]  # (B, 1, C)
         mask = None
-        if not all(block.attn.decode_kernel for block in self.layers):
+        if not all(block.attn.decode_kernel for block in self.blocks):
             keys = torch.arange(kv_len, device=ids.device)
             mask = (keys[None, :] <= pos[:, None])[:, None, None, :]  # (B, 1, 1, S)
-        for block in self.layers:
+        for block in self.blocks:
             x = block._residual(
                 x, block.attn.forward_decode(block.layernorm_1(x), pos, mask, kv_len)
             )
@@ -397,7 +399,7 @@ class CausalGPT(nn.Module):
         x = self.input_embeds_layer(ids) + self.position_embeds_layer(
             torch.arange(T, device=ids.device)
         )
-        for block in self.layers:
+        for block in self.blocks:
             x = block._residual(x, block.attn.forward_full(block.layernorm_1(x)))
         return self.lm_head(self.layernorm_final(x))
 
@@ -412,17 +414,17 @@ class FineGPT(nn.Module):
             [nn.Embedding(cfg.input_vocab_size, cfg.n_embd) for _ in range(cfg.n_codes_total)]
         )
         self.position_embeds_layer = nn.Embedding(cfg.block_size, cfg.n_embd)
-        self.layers = nn.ModuleList([Block(cfg, causal=False) for _ in range(cfg.n_layer)])
+        self.blocks = [Block(cfg, causal=False) for _ in range(cfg.n_layer)]
+        self.layers = nn.ModuleList(self.blocks)  # the same blocks, registered (HF's names)
         self.layernorm_final = nn.LayerNorm(cfg.n_embd)
-        self.lm_heads = nn.ModuleList(
-            [
-                nn.Linear(cfg.n_embd, cfg.output_vocab_size, bias=False)
-                for _ in range(cfg.n_codes_given, cfg.n_codes_total)
-            ]
-        )
+        self.heads = [
+            nn.Linear(cfg.n_embd, cfg.output_vocab_size, bias=False)
+            for _ in range(cfg.n_codes_given, cfg.n_codes_total)
+        ]
+        self.lm_heads = nn.ModuleList(self.heads)  # the same heads, registered
 
     def set_attn(self, impl: str) -> None:
-        for block in self.layers:
+        for block in self.blocks:
             block.attn.impl = impl
 
     def embed(self, codes: Tensor, codebook: int) -> Tensor:
@@ -439,14 +441,14 @@ class FineGPT(nn.Module):
         and runs its MLP on them (every position still serves as a key and value).
         """
         x = x + self.position_embeds_layer(torch.arange(x.size(1), device=x.device))[None]
-        *body, top = self.layers
+        *body, top = self.blocks
         for block in body:
             x = block._residual(x, block.attn.forward_full(block.layernorm_1(x)))
         y = top.attn.forward_full(top.layernorm_1(x), queries_from=keep_from)
         return self.layernorm_final(top._residual(x[:, keep_from:], y))
 
     def head(self, h: Tensor, codebook: int) -> Tensor:
-        return self.lm_heads[codebook - self.cfg.n_codes_given](h)  # (B, T, V)
+        return self.heads[codebook - self.cfg.n_codes_given](h)  # (B, T, V)
 
     def forward(self, codes: Tensor, codebook: int) -> Tensor:
         """``codes`` (B, T, n_codes) -> logits (B, T, V) predicting codebook ``codebook``."""

@@ -20,6 +20,7 @@ from them).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -175,7 +176,7 @@ class SemanticStage(Stage):
         keep[consts.semantic_pad_token] = True
         self.suppress = ~keep
         self.prompt_len = consts.max_input_semantic_length + 1
-        self._pending: list[tuple[Tensor, list[_Row]]] = []
+        self._pending: list[tuple[Tensor, list[_Row | None]]] = []
         self._since_sync = 0
 
     def admit(self, req: Request) -> None:
@@ -478,7 +479,7 @@ class FineStage(Stage):
     def __init__(self, model: FineGPT, consts: BarkConstants, slots: int) -> None:
         super().__init__(slots)
         self.model, self.c = model, consts
-        self.device = model.lm_heads[0].weight.device
+        self.device = model.heads[0].weight.device
         self.params = _Params(slots, self.device)
         self.state: dict[int, tuple[Tensor, prompts.FinePlan, list[int]]] = {}
 
@@ -513,7 +514,7 @@ class FineStage(Stage):
             groups.setdefault(cb, []).append(b)
         x = torch.empty(
             (len(items), L, self.model.cfg.n_embd),
-            dtype=self.model.lm_heads[0].weight.dtype,
+            dtype=self.model.heads[0].weight.dtype,
             device=self.device,
         )
         for cb, members in groups.items():
@@ -570,7 +571,9 @@ class CodecStage(Stage):
 
     def __init__(self, codec: torch.nn.Module, slots: int) -> None:
         super().__init__(slots)
-        self.codec = codec
+        # transformers' EncodecModel, whose submodules type as "Tensor | Module" under torch's
+        # stubs: its quantizer and decoder are called as that model defines them
+        self.codec: Any = codec
         self.device = next(codec.parameters()).device
 
     def admit(self, req: Request) -> None:
