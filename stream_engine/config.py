@@ -311,6 +311,11 @@ class EngineConfig:
         "mkl, or auto (avx2 if it builds here, else onednn)",
         choices=CPU_DECODE_KERNELS,
     )
+    strict_gpu: bool = setting(
+        False,
+        "turn the load's fallbacks (flash_attention_2 -> sdpa, ...) into errors: for tests "
+        "and benchmarks that must run what they asked for",
+    )
     max_queue: int = setting(
         256, "requests waiting for a stage before submit() raises Busy", lo=1, hi=4096
     )

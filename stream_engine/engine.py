@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import math
 import os
 import random
@@ -25,6 +26,8 @@ from .runtime.loop import Runtime
 from .runtime.request import Request, Speech, Status
 from .runtime.stages import CoarseStage, CodecStage, FineStage, SemanticStage
 
+log = logging.getLogger(__name__)
+
 # Real Bark speaks about 14 characters of English text per second (measured on suno/bark's
 # examples: ~2.6 words/s); semantic tokens come at 49.9 per second of audio.
 RANDOM_CHARS_PER_SECOND = 14.0
@@ -40,6 +43,23 @@ def random_model_semantic_tokens(text: str, consts: BarkConstants) -> int:
     seconds = len(text.strip()) / RANDOM_CHARS_PER_SECOND
     tokens = math.ceil(seconds * consts.semantic_rate_hz)
     return max(RANDOM_MIN_SEMANTIC_TOKENS, min(consts.max_new_semantic_tokens, tokens))
+
+
+def flash_attn_problem(device: torch.device) -> str | None:
+    """Why flash-attn cannot serve here (None: it can): it must import, and on CUDA run once."""
+    try:
+        from flash_attn import flash_attn_func  # optional CUDA-only dependency
+    except Exception as exc:  # ImportError, or a broken build's OSError/RuntimeError
+        return f"flash_attn does not import ({type(exc).__name__}: {exc})"
+    if device.type != "cuda":
+        return None  # the device check says what is wrong
+    try:
+        q = torch.zeros(1, 1, 1, 64, dtype=torch.float16, device=device)  # (B, T, nh, hs)
+        flash_attn_func(q, q, q, causal=True)
+        torch.cuda.synchronize(device)
+    except Exception as exc:
+        return f"flash_attn fails on {device} ({type(exc).__name__}: {exc})"
+    return None
 
 
 def _default_device() -> torch.device:
@@ -86,6 +106,8 @@ class Engine:
         coarse.use_decode_kernel(self.decode_kernel, kernels, config.coarse_slots)
         self.semantic_model, self.coarse_model, self.fine_model = semantic, coarse, fine
         self.voices = {name: VoicePrompt.from_preset(p) for name, p in loaded.voices.items()}
+        # what the engine fell back from at load, and why (e.g. flash-attn that does not import)
+        self.fallbacks: list[str] = []
         self._ids = itertools.count(1)
         self.runtime = Runtime(
             {
@@ -135,17 +157,42 @@ class Engine:
         config = config or EngineConfig()
         if attn is not None:
             config = dataclasses.replace(config, attn=attn)
+        torch_dtype = _dtype(dtype, dev)
+        fallbacks: list[str] = []
+        if config.attn == "flash_attention_2":
+            if torch_dtype == torch.float32:
+                raise InvalidOption(
+                    "flash_attention_2 runs in float16 or bfloat16, not float32: load with "
+                    "dtype='float16' (or 'bfloat16'), or with attn='sdpa'"
+                )
+            problem = flash_attn_problem(dev)
+            if problem is not None:
+                if config.strict_gpu:
+                    raise InvalidOption(f"flash_attention_2 is not usable here: {problem}")
+                log.warning("flash_attention_2 is not usable (%s); attention runs on sdpa", problem)
+                fallbacks.append(f"flash_attention_2 -> sdpa: {problem}")
+                config = dataclasses.replace(config, attn="sdpa")
         if config.attn == "flash_attention_2" and dev.type != "cuda":
             raise InvalidOption("flash_attention_2 needs a CUDA device")
         hf_attn = "flash_attention_2" if config.attn == "flash_attention_2" else "eager"
-        loaded = load_bark(
-            model, device=dev, dtype=_dtype(dtype, dev), attn=hf_attn, offload=offload
-        )
-        return cls(loaded, config, dev)
+        loaded = load_bark(model, device=dev, dtype=torch_dtype, attn=hf_attn, offload=offload)
+        engine = cls(loaded, config, dev)
+        engine.fallbacks.extend(fallbacks)
+        return engine
 
     def save(self, directory: str | os.PathLike[str]) -> None:
         """Write a Hugging Face layout directory that transformers and ``Engine.load`` read."""
         save_bark(self.loaded, directory)
+
+    def decode_mode(self) -> dict[str, Any]:
+        """How the engine decodes, as loaded: for /healthz and the metrics."""
+        return {
+            "attn": self.config.attn,
+            "cuda_graphs": self.config.cuda_graphs and self.device.type == "cuda",
+            "decode_kernel": self.decode_kernel,
+            "dtype": str(self.semantic_model.lm_head.weight.dtype).removeprefix("torch."),
+            "fallbacks": list(self.fallbacks),
+        }
 
     @property
     def name(self) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -28,6 +29,7 @@ class Live:
     connections: Callable[[], int]  # open WebSocket connections
     streams: Callable[[], int]  # streams open on all connections and HTTP requests
     depths: Callable[[], Mapping[str, int]]  # stage -> requests waiting to enter it
+    mode: Callable[[], Mapping[str, Any]]  # Engine.decode_mode(): how it decodes, fallbacks
 
 
 class _LiveCollector(Collector):
@@ -51,6 +53,22 @@ class _LiveCollector(Collector):
         for stage, waiting in self.live.depths().items():
             depth.add_metric([stage], waiting)
         yield depth
+        mode = dict(self.live.mode())
+        fallbacks = [str(f) for f in mode.pop("fallbacks", [])]
+        keys = sorted(mode)
+        decode = GaugeMetricFamily(
+            "stream_engine_decode_mode", "How the engine decodes (1 for its mode).", labels=keys
+        )
+        decode.add_metric([str(mode[k]) for k in keys], 1)
+        yield decode
+        fell = GaugeMetricFamily(
+            "stream_engine_load_fallbacks",
+            "What the engine fell back from at load, and why (1 per fallback).",
+            labels=["reason"],
+        )
+        for reason in fallbacks:
+            fell.add_metric([reason], 1)
+        yield fell
 
 
 class Metrics:

@@ -69,6 +69,7 @@ class Service:
                 connections=lambda: len(self.connections),
                 streams=lambda: sum(len(c.jobs) for c in self.clients),
                 depths=lambda: {n: w for n, (w, _) in engine.runtime.depths().items()},
+                mode=engine.decode_mode,
             )
         )
         self.name = self.config.server_name or f"{socket.gethostname()}-{os.getpid()}"
@@ -125,6 +126,7 @@ class Service:
             "server": self.name,
             "model": self.engine.name,
             "device": str(self.engine.device),
+            "engine": self.engine.decode_mode(),
             "connections": len(self.connections),
             "streams": sum(len(c.jobs) for c in self.clients),
             "uptime_s": round(time.time() - self.started_at, 1),

@@ -215,6 +215,10 @@ async def test_http_endpoints(server):
         assert samples[("stream_engine_stage_steps_total", (("stage", stage),))] >= 1
     # the codec's last step: the one stream
     assert samples[("stream_engine_batch_size", (("stage", "codec"),))] == 1
+    mode = server.service.engine.decode_mode()
+    assert health["engine"] == mode and mode["fallbacks"] == []
+    decode = [k for k in samples if k[0] == "stream_engine_decode_mode"]
+    assert len(decode) == 1 and ("attn", mode["attn"]) in decode[0][1]
     status, _, _ = await asyncio.to_thread(http_get, server, "/nope")
     assert status == 404
 
