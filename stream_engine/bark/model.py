@@ -312,6 +312,19 @@ class CausalGPT(nn.Module):
             )
         self.slots = slots
 
+    def clear_slot(self, slot: int) -> None:
+        """Zero ``slot``'s keys and values in every layer (a new request takes the slot).
+
+        A decode step's attention reads every cached position and masks the later ones; a
+        masked position's weight is 0, but 0 times a NaN or inf left there by an earlier
+        request (an fp16 overflow, say) is NaN, which would poison this request.
+        """
+        for block in self.blocks:
+            cache = block.attn.cache
+            assert cache is not None
+            cache.k[slot].zero_()
+            cache.v[slot].zero_()
+
     def set_attn(self, impl: str) -> None:
         for block in self.blocks:
             block.attn.impl = impl

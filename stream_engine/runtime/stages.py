@@ -182,6 +182,7 @@ class SemanticStage(Stage):
     def admit(self, req: Request) -> None:
         row = _Row(req)
         i = self.slots.take(row)
+        self.model.clear_slot(i)
         o = req.options
         self.params.set(i, o.text_temp, req, o.min_eos_p)
         req.status = Status.SEMANTIC
@@ -324,6 +325,7 @@ class CoarseStage(Stage):
             total=prompts.coarse_length(len(req.semantic), c),
         )
         i = self.slots.take(row)
+        self.model.clear_slot(i)
         self.params.set(i, req.options.coarse_temp, req)
         req.status = Status.COARSE
         if row.total == 0:
