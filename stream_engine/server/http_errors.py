@@ -23,7 +23,6 @@ _TYPES = {
     500: "server_error",
     503: "server_error",
 }
-STATUS = HTTP_STATUS  # protocol error code -> HTTP status
 
 
 class ApiError(Exception):
@@ -38,7 +37,7 @@ class ApiError(Exception):
     @classmethod
     def of(cls, exc: StreamEngineError, param: str | None = None) -> ApiError:
         """The HTTP form of one of the package's errors (internal ones say no more)."""
-        status = STATUS.get(exc.code, 500)
+        status = HTTP_STATUS.get(exc.code, 500)
         message = "internal error" if status == 500 else str(exc)
         return cls(status, message, param, exc.code)
 

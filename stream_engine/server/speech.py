@@ -29,6 +29,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from ..audio.containers import RESPONSE_FORMATS, ContainerEncoder
+from ..errors import HTTP_STATUS
 from ..protocol import (
     OPTION_KEYS,
     AudioReceived,
@@ -40,7 +41,7 @@ from ..protocol import (
 )
 from ..protocol.client import Event
 from .connection import Connection, Frame
-from .http_errors import STATUS, ApiError
+from .http_errors import ApiError
 from .service import Service
 
 log = logging.getLogger(__name__)
@@ -249,7 +250,6 @@ class _BodyWriter:
         self.content_type = "text/event-stream" if self.sse else self.encoder.content_type
         self.options = list(parsed.options)
         self.started = False
-        self.finished = False
         self.status = 0  # the status sent (0: none yet)
         self.error: ApiError | None = None
 
@@ -272,7 +272,6 @@ class _BodyWriter:
             if self.sse:
                 await self._event({"type": "speech.audio.done"})
             await self.send({"type": "http.response.body", "body": b"", "more_body": False})
-            self.finished = True
             raise _End
         elif isinstance(event, StreamError | StreamCancelled | Violation):
             self.error = self._error(event)
@@ -281,7 +280,6 @@ class _BodyWriter:
                 if self.sse:  # an event says so, and the body ends whole
                     await self._event({"type": "error", **self.error.body()})
                     await self.send({"type": "http.response.body", "body": b"", "more_body": False})
-                    self.finished = True
             raise _End
 
     def _error(self, event: StreamError | StreamCancelled | Violation) -> ApiError:
@@ -295,7 +293,7 @@ class _BodyWriter:
             param = next((k for k in self.options if k in event.message), None)
             if param is None and "early_audio" in event.message:
                 param = "early_audio"
-        return ApiError(STATUS.get(event.code, 500), event.message, param, event.code)
+        return ApiError(HTTP_STATUS.get(event.code, 500), event.message, param, event.code)
 
     async def _body(self, data: bytes) -> None:
         if not self.started:
