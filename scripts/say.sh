@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Synthesize a sentence to a WAV file (until the server lands): scripts/say.sh "text" out.wav [model]
+# Synthesize a sentence to a WAV file with an in-process server: scripts/say.sh "text" out.wav [model]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
