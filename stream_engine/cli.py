@@ -487,14 +487,10 @@ async def _say_async(
     server = None
     url = args.url
     if url is None:
-        from .config import ServerConfig
-        from .engine import Engine
         from .server.app import Server
 
-        engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
-        server = Server(engine, ServerConfig(host="127.0.0.1", port=0))
-        await server.start()
-        url = f"ws://127.0.0.1:{server.port}"
+        server = await Server.start_local(args.model, args.device, args.dtype)
+        url = server.url
     pcm: list[bytes] = []
     rate = args.sample_rate or 24_000
     audio_s = 0.0

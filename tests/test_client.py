@@ -353,6 +353,16 @@ async def test_say_early_audio_writes_the_same_length(server, tmp_path):
     )  # the second run used previews
 
 
+async def test_say_without_a_server_starts_one_in_its_process(tmp_path):
+    out = tmp_path / "local.wav"
+    rc, stdout, stderr = await run_cli(
+        "say", "Hello there.", "--model", "random:tiny", "--device", "cpu", "-o", str(out)
+    )
+    assert rc == 0, stderr
+    audio, rate = read_wav(out)
+    assert rate == 24_000 and len(audio) > 0 and "wrote" in stdout
+
+
 async def test_say_text_errors_and_exit_codes(server, tmp_path):
     out = tmp_path / "x.wav"
     rc, _, err = await run_cli("say", "Hi there.", "--url", url(server), "--voice", "nope")

@@ -235,14 +235,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     server = None
     url = args.url
     if url is None:  # no server given: start one in this process
-        from stream_engine import Engine
-        from stream_engine.config import ServerConfig
         from stream_engine.server.app import Server
 
-        engine = Engine.load(args.model, device=args.device)
-        server = Server(engine, ServerConfig(host="127.0.0.1", port=0))
-        await server.start()
-        url = f"ws://127.0.0.1:{server.port}"
+        server = await Server.start_local(args.model, args.device)
+        url = server.url
     try:
         return await run_scene(
             url,

@@ -101,6 +101,22 @@ class Server:
         self._uvicorn: uvicorn.Server | None = None
         self._main: asyncio.Task[None] | None = None
 
+    @classmethod
+    async def start_local(
+        cls, model: str, device: str | None = None, dtype: str | None = None
+    ) -> Server:
+        """Load ``model`` and serve it on a free loopback port, in this process (for ``say``
+        and the examples when no server is given); :attr:`url` is where."""
+        engine = Engine.load(model, device=device, dtype=dtype)
+        server = cls(engine, ServerConfig(host="127.0.0.1", port=0))
+        await server.start()
+        return server
+
+    @property
+    def url(self) -> str:
+        """The WebSocket URL of a started server (``ws://HOST:PORT``)."""
+        return f"ws://{self.config.host}:{self.port}"
+
     async def start(self) -> None:
         cfg = self.config
         family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
