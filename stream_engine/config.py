@@ -302,7 +302,14 @@ class EngineConfig:
         "attention implementation (flash_attention_2: CUDA with flash-attn only)",
         choices=("sdpa", "eager", "flash_attention_2"),
     )
-    cuda_graphs: bool = setting(True, "on CUDA: capture decode steps per batch-size bucket")
+    cuda_graphs: bool = setting(
+        True, "on CUDA: capture each decode step (forward pass and sampling) per shape bucket"
+    )
+    gpu_self_check: bool = setting(
+        True,
+        "on CUDA at load: choose attention kernels and check the decode graphs against eager "
+        "decode; what fails falls back (see strict_gpu)",
+    )
     # avx2: linears near the memory bandwidth and a per-slot attention, built on first use;
     # onednn: a packed copy of the weights; mkl: plain F.linear; auto: avx2 if it builds here
     cpu_decode_kernel: str = setting(
@@ -313,8 +320,8 @@ class EngineConfig:
     )
     strict_gpu: bool = setting(
         False,
-        "turn the load's fallbacks (flash_attention_2 -> sdpa, ...) into errors: for tests "
-        "and benchmarks that must run what they asked for",
+        "turn the load's fallbacks (flash_attention_2 -> sdpa, graphs -> eager, ...) into "
+        "errors: for tests and benchmarks that must run what they asked for",
     )
     max_queue: int = setting(
         256, "requests waiting for a stage before submit() raises Busy", lo=1, hi=4096

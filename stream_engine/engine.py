@@ -21,10 +21,18 @@ from .bark.loading import LoadedBark, load_bark, save_bark
 from .bark.model import CausalGPT, FineGPT, from_hf
 from .bark.prompts import BarkConstants, VoicePrompt
 from .config import EngineConfig, GenerationOptions
-from .errors import EmptyText, InvalidOption, StreamEngineError, TextTooLong, UnknownVoice
+from .errors import (
+    EmptyText,
+    GpuCheckFailed,
+    InvalidOption,
+    StreamEngineError,
+    TextTooLong,
+    UnknownVoice,
+)
+from .runtime import cuda, self_check
 from .runtime.loop import Runtime
 from .runtime.request import Request, Speech, Status
-from .runtime.stages import CoarseStage, CodecStage, FineStage, SemanticStage
+from .runtime.stages import CoarseStage, CodecStage, DecodeStage, FineStage, SemanticStage
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +68,10 @@ def flash_attn_problem(device: torch.device) -> str | None:
     except Exception as exc:
         return f"flash_attn fails on {device} ({type(exc).__name__}: {exc})"
     return None
+
+
+def _why(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _default_device() -> torch.device:
@@ -108,19 +120,25 @@ class Engine:
         self.voices = {name: VoicePrompt.from_preset(p) for name, p in loaded.voices.items()}
         # what the engine fell back from at load, and why (e.g. flash-attn that does not import)
         self.fallbacks: list[str] = []
+        # the load-time GPU checks' findings (see runtime/self_check.py)
+        self.checks: dict[str, Any] = {}
         self._ids = itertools.count(1)
+        on_gpu = cuda.on_gpu(device)
+        graphs = config.cuda_graphs and on_gpu
+        self.semantic_stage = SemanticStage(
+            semantic,
+            self.consts,
+            config.semantic_slots,
+            sync_every=8 if on_gpu else 1,
+            cuda_graphs=graphs,
+        )
+        self.coarse_stage = CoarseStage(
+            coarse, self.consts, config.coarse_slots, cuda_graphs=graphs
+        )
         self.runtime = Runtime(
             {
-                "semantic": SemanticStage(
-                    semantic,
-                    self.consts,
-                    config.semantic_slots,
-                    sync_every=8 if device.type == "cuda" else 1,
-                    cuda_graphs=config.cuda_graphs,
-                ),
-                "coarse": CoarseStage(
-                    coarse, self.consts, config.coarse_slots, cuda_graphs=config.cuda_graphs
-                ),
+                "semantic": self.semantic_stage,
+                "coarse": self.coarse_stage,
                 "fine": FineStage(fine, self.consts, config.fine_batch),
                 "codec": CodecStage(hf.codec_model, config.codec_batch),
             },
@@ -178,20 +196,91 @@ class Engine:
         loaded = load_bark(model, device=dev, dtype=torch_dtype, attn=hf_attn, offload=offload)
         engine = cls(loaded, config, dev)
         engine.fallbacks.extend(fallbacks)
+        if cuda.on_gpu(dev):
+            engine._prepare_gpu()
         return engine
+
+    def _prepare_gpu(self) -> None:
+        """Choose attention kernels, capture the decode graphs, check them (runtime/self_check).
+
+        Each failure falls back (torch's own kernel choice; eager decode) with a warning and a
+        line in :attr:`fallbacks`, or raises :class:`GpuCheckFailed` under ``strict_gpu``.
+        Runs before any request, from the loading thread.
+        """
+        check = self.config.gpu_self_check
+        if check:
+            model = self.semantic_model
+            calls = self_check.attention_calls(
+                self.device, model.lm_head.weight.dtype, model.cfg.n_head, model.cfg.head_dim
+            )
+            tolerance = self_check.SDPA_TOLERANCE.get(model.lm_head.weight.dtype, 5e-2)
+            try:
+                self.checks["sdpa"] = self_check.probe_sdpa(calls, tolerance).as_dict()
+            except Exception as exc:
+                self._fall_back(f"attention kernel probe failed ({_why(exc)}); torch chooses")
+        stages: tuple[DecodeStage, ...] = (self.semantic_stage, self.coarse_stage)
+        for stage in stages:
+            if stage.graphs is None:
+                continue
+            try:
+                stage.capture_graphs()
+            except Exception as exc:
+                stage.graphs = None
+                self._fall_back(
+                    f"{stage.name} decode graphs -> eager: capture failed ({_why(exc)})"
+                )
+                continue
+            self.checks.setdefault("capture_s", {})[stage.name] = round(stage.graphs.capture_s, 3)
+            if not check:
+                continue
+            try:
+                result = self_check.check_graphs(stage)
+            except Exception as exc:
+                problem: str | None = f"{stage.name}: the check failed to run ({_why(exc)})"
+            else:
+                self.checks.setdefault("graphs", {})[stage.name] = result.as_dict()
+                problem = result.problem
+            if problem is not None:
+                stage.graphs = None
+                self._fall_back(f"{stage.name} decode graphs -> eager: {problem}")
+
+    def _fall_back(self, reason: str) -> None:
+        if self.config.strict_gpu:
+            raise GpuCheckFailed(reason)
+        log.warning("%s", reason)
+        self.fallbacks.append(reason)
 
     def save(self, directory: str | os.PathLike[str]) -> None:
         """Write a Hugging Face layout directory that transformers and ``Engine.load`` read."""
         save_bark(self.loaded, directory)
 
     def decode_mode(self) -> dict[str, Any]:
-        """How the engine decodes, as loaded: for /healthz and the metrics."""
+        """How the engine decodes, as loaded: for /healthz and the metrics.
+
+        ``cuda_graphs`` says which stages replay graphs; ``sdpa`` the attention kernel of each
+        kind of call (``"default"``: torch chooses per call); ``fallbacks`` what the load fell
+        back from, and why; ``checks`` the load-time GPU checks' findings.
+        """
+        sdpa = self.checks.get("sdpa")
         return {
             "attn": self.config.attn,
-            "cuda_graphs": self.config.cuda_graphs and self.device.type == "cuda",
+            "cuda_graphs": ",".join(
+                s.name for s in (self.semantic_stage, self.coarse_stage) if s.graphs is not None
+            )
+            or "off",
             "decode_kernel": self.decode_kernel,
             "dtype": str(self.semantic_model.lm_head.weight.dtype).removeprefix("torch."),
+            "sdpa": ",".join(f"{k}={v}" for k, v in sdpa["kernels"].items()) if sdpa else "default",
             "fallbacks": list(self.fallbacks),
+            "checks": dict(self.checks),
+        }
+
+    def eager_steps(self) -> dict[str, int]:
+        """Decode steps that found no captured graph and ran eagerly, per stage (CUDA graphs)."""
+        return {
+            s.name: s.graphs.eager_steps
+            for s in (self.semantic_stage, self.coarse_stage)
+            if s.graphs is not None
         }
 
     @property

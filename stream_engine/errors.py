@@ -10,7 +10,8 @@ The tree, with the protocol error code each maps to (see ``docs/protocol.md``)::
     │   ├── InvalidOption                  bad_request
     │   └── UnsupportedFormat              unsupported_format
     ├── ModelLoadError                     internal
-    │   └── ModelNotFound                  internal
+    │   ├── ModelNotFound                  internal
+    │   └── GpuCheckFailed                 internal
     ├── Busy                               busy
     ├── LimitExceeded                      limit
     ├── Cancelled                          (not an error on the wire: ``cancelled``)
@@ -82,6 +83,10 @@ class ModelLoadError(StreamEngineError):
 
 class ModelNotFound(ModelLoadError):
     """The model id is neither a local directory, a reachable hub model, nor ``random:*``."""
+
+
+class GpuCheckFailed(ModelLoadError):
+    """A load-time GPU check failed under ``strict_gpu`` (without it, the engine falls back)."""
 
 
 class Busy(StreamEngineError):

@@ -14,6 +14,21 @@ def tiny():
     return Engine.load("random:tiny", device="cpu")
 
 
+@pytest.fixture
+def sdpa_flags():
+    """Put torch's process-wide attention-kernel switches back after a test that probes them."""
+    import torch
+
+    b = torch.backends.cuda
+    saved = [b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.cudnn_sdp_enabled()]
+    saved.append(b.math_sdp_enabled())
+    yield
+    b.enable_flash_sdp(saved[0])
+    b.enable_mem_efficient_sdp(saved[1])
+    b.enable_cudnn_sdp(saved[2])
+    b.enable_math_sdp(saved[3])
+
+
 @pytest_asyncio.fixture
 async def make_server(tiny):
     """Start servers on free ports with the tiny model; stop them after the test."""

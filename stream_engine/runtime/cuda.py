@@ -1,59 +1,67 @@
-"""CUDA graphs for the decode step of the semantic and coarse models.
+"""CUDA graphs for the decode steps of the semantic and coarse stages.
 
-A decode step advances every slot in ``[0, n)`` by one token. On a GPU it is launch-bound: a
-step of bark-small is some 200 small kernels (embeddings, 12 blocks of norms, projections,
-cache writes and attention, then the head), most of them shorter than the few microseconds it
-takes Python and the driver to launch one. :class:`DecodeGraphs` captures :meth:`CausalGPT.decode` once per shape
-and replays it with one launch.
+A decode step advances every busy slot by one token: the model's forward pass, then sampling
+(token masks, temperature, top-k/top-p, ``min_eos_p``, the counter-hashed noise), then the
+chosen tokens are written where the next step reads its inputs. On a GPU that is launch-bound:
+a step of bark-small is a few hundred small kernels, most of them shorter than the few
+microseconds it takes Python and the driver to launch one. :class:`StepGraphs` captures the
+whole step (a stage's ``step_fn``) once per shape and replays it with one launch; a step is
+then one replay plus, every few steps, the token readback.
 
-Shapes. A graph has fixed shapes, so calls are padded up to buckets:
+Shapes. A graph has fixed shapes, so steps are padded up to buckets:
 
 * batch: ``n`` (the highest busy slot + 1) rounds up to a power of two, or to ``slots``
-  (``slots=6`` gives buckets 1, 2, 4, 6). Rows ``[n, b)`` are padding: token 0 at position 0,
-  as the stage's own rows for empty slots. Like those, they write K/V at position 0 of their
-  slot, which the stage allows for every slot that is not decoding (it is empty, or it is
-  prefilled, rewriting position 0, before anything reads it).
+  (``slots=6`` gives buckets 1, 2, 4, 6). The stage gives rows ``[n, b)`` token 0 at position
+  0, as its own rows for empty slots; they write K/V at position 0 of their slot, which the
+  stage allows for every slot that is not decoding (it is empty, or it is prefilled, rewriting
+  position 0, before anything reads it).
 * keys: ``kv_len`` rounds up to a multiple of ``kv_step`` (default 128), or to the cache length.
-  ``decode`` masks every key after a row's own position, so the extra keys get zero weight.
+  The decode masks every key after a row's own position, so the extra keys get zero weight.
+* variant: whether the step filters with top-k/top-p (two sorts of the vocabulary per row),
+  which only steps with a row that asked for it need.
 
 Padding changes no result beyond rounding: the logits of a row equal those of the unpadded call
 up to the order in which kernels sum (measured on CPU in float32: 4e-6 at most, the same size as
-what the stage's own ``kv_len = max(pos) + 1`` already does to rows behind the longest one). A
-replay runs the kernels of the eager call on the padded shapes, so it equals that call bit for
-bit (tests/gpu/test_cuda.py checks both on a GPU).
+what ``kv_len = max(pos) + 1`` already does to rows behind the longest one). A replay runs the
+kernels of the eager step on the padded shapes, so it equals that step bit for bit: the
+engine's self-check at load compares the two (:mod:`.self_check`).
 
-What is captured: the embeddings, every block (the 2 * n_layer in-place cache writes included),
-the final norm, the head, and a cast of the logits to float32 into a static output. What is not:
-sampling (its options are decided on the host: which rows use top-k or top-p, the coarse
-codebook of each row), prefill (prompt lengths vary) and the fine model and codec.
+When. Every bucket is captured at load (:meth:`StepGraphs.capture_all`), before the pipeline's
+threads exist: a capture synchronizes the device and runs in torch's global capture mode, which
+another thread's work would break. Nothing is captured later. A step whose bucket has no graph
+(a variant that was not captured, or graphs dropped because the model's cache was reallocated)
+runs eagerly and is counted in :attr:`StepGraphs.eager_steps`.
 
-Memory. ``ids``, ``pos`` and ``out`` are allocated once, outside the graphs' pool; the KV cache
-is the model's (``setup_cache`` allocates it once; ``decode`` writes it in place with index
-writes at device-side positions: no host sync, no data-dependent shape). Graphs keep their
-intermediates in one private pool shared by all of this object's graphs; that is safe in any
-replay order because nothing in the pool outlives a replay (results go to ``out``).
-
-Capture happens on first use of a bucket (lazily) or for every bucket in :meth:`capture_all`.
-It synchronizes the device and empties the allocator's cache (``torch.cuda.graph`` does), so
-a lazy capture is a one-off stall of some milliseconds per bucket. If the model's cache is
-reallocated (``setup_cache``) or its attention implementation changes, the graphs are dropped
-and captured again on use.
+Memory. The stage's static buffers (input ids, positions, counters, the logits' copy) are
+allocated once, outside the graphs' pool; the KV cache is the model's (``setup_cache``
+allocates it once; the decode writes it in place with index writes at device-side positions:
+no host sync, no data-dependent shape). Graphs keep their intermediates in one private pool
+shared by all of this object's graphs, which is safe in any replay order because nothing in the
+pool outlives a replay (results go to the stage's static buffers).
 """
 
 from __future__ import annotations
 
 import bisect
+import logging
+import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypeAlias
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..bark.model import Block, CausalGPT, CausalSelfAttention, KVCache
 
-Decoder: TypeAlias = Callable[[Tensor, Tensor, int], Tensor]  # (ids, pos, kv_len) -> logits
+log = logging.getLogger(__name__)
+
+# step_fn(b, s, variant): one decode step over slots [0, b), keys up to s, from and into static
+# buffers; variant True also filters with top-k/top-p
+StepFn = Callable[[int, int, bool], None]
+Key = tuple[int, int, bool]  # (batch bucket, kv bucket, variant)
 
 DEFAULT_KV_STEP = 128
+VARIANTS = (False, True)
 
 
 def batch_buckets(slots: int) -> tuple[int, ...]:
@@ -89,62 +97,63 @@ def _first_attention(model: CausalGPT) -> CausalSelfAttention:
     return block.attn
 
 
-class DecodeGraphs:
-    """:meth:`CausalGPT.decode` replayed from CUDA graphs, one per (batch, kv) bucket.
+def on_gpu(device: torch.device | str) -> bool:
+    """Whether the engine on ``device`` uses decode graphs and runs the GPU checks at load."""
+    return torch.device(device).type == "cuda"
 
-    ``graphs(ids, pos, kv_len)`` has ``model.decode``'s contract: ``ids`` and ``pos`` (n,) on
-    the model's device for slots ``[0, n)``, keys up to ``kv_len`` (> max(pos)) read; returns
-    logits (n, ``model.decode_vocab``). Differences: the logits are float32 whatever the
-    model's dtype, and they are a view of a static buffer, valid until the next call (read
-    them, or clone them, before calling again; never write to them).
 
-    ``capture=False`` runs the same padded step on the same static buffers eagerly, without
-    graphs (for tests on machines without CUDA, and to tell a capture problem from a padding
-    one). ``warmup`` eager runs on the capture stream precede each capture, as torch requires
-    (lazy initialisation of cuBLAS handles and workspaces must not happen during a capture).
+class StepGraphs:
+    """A stage's decode step replayed from CUDA graphs, one per (batch, kv, variant) bucket.
+
+    ``step_fn(b, s, variant)`` must read and write only static buffers (and the model's cache),
+    so that a replay does what the call did. The caller pads rows ``[n, b)`` before
+    :meth:`replay` (see the module docstring) and calls ``step_fn`` itself when :meth:`lookup`
+    finds no graph.
+
+    ``capture=False`` keeps the bookkeeping (buckets, which keys are "captured", staleness) and
+    replays by calling ``step_fn`` on the bucket's shapes: the padded step without graphs, for
+    machines without CUDA and to tell a capture problem from a padding one. By default it
+    captures where the model is on CUDA. ``warmup`` eager runs on the capture stream precede
+    each capture, as torch requires (cuBLAS handles and workspaces must not be created during a
+    capture).
     """
 
     def __init__(
         self,
         model: CausalGPT,
+        step_fn: StepFn,
         *,
         kv_step: int = DEFAULT_KV_STEP,
-        capture: bool = True,
+        capture: bool | None = None,
         warmup: int = 2,
     ) -> None:
         self.model = model
-        self.kv_step = kv_step
-        self.capture = capture
-        self.warmup = warmup
-        self._decode: Decoder = model.decode  # bound now: callers may replace model.decode
+        self.step_fn = step_fn
         self.device = model.lm_head.weight.device
-        if capture and self.device.type != "cuda":
+        self.capture = self.device.type == "cuda" if capture is None else capture
+        if self.capture and self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA model, not one on {self.device}")
-        self.stream = torch.cuda.Stream(self.device) if capture else None
-        self._setup()
-
-    def _setup(self) -> None:
-        """(Re)build buffers and buckets for the model's current cache; drop every graph."""
-        attn = _first_attention(self.model)
+        self.warmup = warmup
+        attn = _first_attention(model)
         if attn.cache is None:
-            raise ValueError("call model.setup_cache(slots) before building DecodeGraphs")
+            raise ValueError("call model.setup_cache(slots) before building StepGraphs")
+        # what the graphs were captured against: a new cache, attention or head makes them stale
         self._cache: KVCache = attn.cache
         self._impl = attn.impl
-        self._head_start = self.model.head_start
-        self.slots = self.model.slots
+        self._head_start = model.head_start
+        self.slots = model.slots
         self.max_len = self._cache.k.size(2)
         self.batch_sizes = batch_buckets(self.slots)
-        self.kv_lens = kv_buckets(self.max_len, self.kv_step)
-        V = self.model.decode_vocab
-        dev = self.device
-        self.ids = torch.zeros(self.slots, dtype=torch.long, device=dev)  # (S,)
-        self.pos = torch.zeros(self.slots, dtype=torch.long, device=dev)  # (S,)
-        self.out = torch.zeros(self.slots, V, dtype=torch.float32, device=dev)  # (S, V)
-        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        # a fresh pool: the old graphs (and the memory they hold) go with their dict
+        self.kv_lens = kv_buckets(self.max_len, kv_step)
+        self.graphs: dict[Key, torch.cuda.CUDAGraph | None] = {}  # None: capture=False
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self.stream = torch.cuda.Stream(self.device) if self.capture else None
+        self.capture_s = 0.0  # seconds capture_all took
+        self.eager_steps = 0  # steps that found no graph and ran eagerly
+        self._stale_warned = False
 
-    def _current(self) -> bool:
+    def current(self) -> bool:
+        """Whether the graphs still match the model (same cache, attention and head)."""
         attn = _first_attention(self.model)
         return (
             attn.cache is self._cache
@@ -152,93 +161,67 @@ class DecodeGraphs:
             and self.model.head_start == self._head_start
         )
 
-    def __call__(self, ids: Tensor, pos: Tensor, kv_len: int) -> Tensor:
-        if not self._current():
-            self._setup()
-        n = ids.size(0)
-        b = bucket_for(n, self.batch_sizes)
-        s = bucket_for(kv_len, self.kv_lens)
-        with torch.inference_mode():
-            self.ids[:n].copy_(ids)
-            self.pos[:n].copy_(pos)
-            if n < b:  # padding rows: token 0 at position 0
-                self.ids[n:b].zero_()
-                self.pos[n:b].zero_()
-            if not self.capture:
-                self._step(b, s)
-            else:
-                graph = self.graphs.get((b, s))
-                if graph is None:
-                    graph = self._capture(b, s)  # its warm-up runs already did this step
-                graph.replay()
-        return self.out[:n]
+    def key(self, n: int, kv_len: int, variant: bool) -> Key:
+        return bucket_for(n, self.batch_sizes), bucket_for(kv_len, self.kv_lens), variant
 
-    def _step(self, b: int, s: int) -> None:
-        logits = self._decode(self.ids[:b], self.pos[:b], s)  # (b, V)
-        self.out[:b].copy_(logits)
+    def lookup(self, n: int, kv_len: int, variant: bool) -> Key | None:
+        """The captured bucket for this step, or None: the caller runs ``step_fn(n, kv_len,
+        variant)`` eagerly (counted here). Never captures."""
+        key = self.key(n, kv_len, variant)
+        if key in self.graphs and self.current():
+            return key
+        if not self.current() and not self._stale_warned:
+            self._stale_warned = True
+            log.warning("the model's cache or attention changed after capture: decode runs eagerly")
+        self.eager_steps += 1
+        return None
 
-    def _capture(self, b: int, s: int) -> torch.cuda.CUDAGraph:
-        """Warm up on the capture stream, then capture the (b, s) step into the shared pool.
+    def replay(self, key: Key) -> None:
+        graph = self.graphs[key]
+        if graph is None:
+            self.step_fn(*key)
+        else:
+            graph.replay()
 
-        Runs the step on whatever ``ids``/``pos`` hold: the warm-up runs write the cache
-        exactly as the replay after them does (same inputs, same values).
+    def capture_all(self, prepare: Callable[[], None], variants: Sequence[bool] = VARIANTS) -> None:
+        """Capture every bucket of ``variants`` now, largest first; record the time it took.
+
+        ``prepare()`` runs before each capture and must put the static inputs in a state every
+        bucket can run from (e.g. all rows at position 0): the warm-up runs write the cache and
+        the buffers. Call it only while no slot holds a request, and before any other thread
+        uses the device.
         """
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for variant in variants:
+                for b in reversed(self.batch_sizes):
+                    for s in reversed(self.kv_lens):
+                        if (b, s, variant) not in self.graphs:
+                            prepare()
+                            self.graphs[(b, s, variant)] = self._capture(b, s, variant)
+        if self.capture:
+            torch.cuda.synchronize(self.device)
+        self.capture_s += time.perf_counter() - start
+
+    def _capture(self, b: int, s: int, variant: bool) -> torch.cuda.CUDAGraph | None:
+        if not self.capture:
+            return None
         assert self.stream is not None
         with torch.cuda.device(self.device):
             current = torch.cuda.current_stream()
             self.stream.wait_stream(current)
             with torch.cuda.stream(self.stream):
                 for _ in range(self.warmup):
-                    self._step(b, s)
+                    self.step_fn(b, s, variant)
             current.wait_stream(self.stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
-                self._step(b, s)
-        self.graphs[(b, s)] = graph
+                self.step_fn(b, s, variant)
         return graph
 
-    def capture_all(self) -> None:
-        """Capture every bucket now, largest first.
-
-        Writes position 0 of every slot (the warm-up runs decode dummy rows): call it only
-        while no slot holds a request, e.g. right after ``setup_cache``.
-        """
-        if not self._current():
-            self._setup()
-        if not self.capture:
-            return
-        with torch.inference_mode():
-            self.ids.zero_()
-            self.pos.zero_()
-            for b in reversed(self.batch_sizes):
-                for s in reversed(self.kv_lens):
-                    if (b, s) not in self.graphs:
-                        self._capture(b, s)
-
-
-def make_decoder(
-    model: CausalGPT,
-    slots: int,
-    device: torch.device | str,
-    enabled: bool = True,
-    *,
-    kv_step: int = DEFAULT_KV_STEP,
-    capture_now: bool = False,
-) -> Decoder:
-    """The decode function a stage should call: ``model.decode`` itself, or its graphs.
-
-    Graphs only when ``enabled`` and ``device`` is CUDA; everywhere else ``model.decode`` is
-    returned unchanged. ``model.setup_cache(slots)`` must have run. ``capture_now`` captures
-    every bucket at once (see :meth:`DecodeGraphs.capture_all`: no slot may be in use).
-    """
-    if not enabled or torch.device(device).type != "cuda":
-        return model.decode
-    if model.slots != slots:
-        raise ValueError(f"the model's cache has {model.slots} slots, not {slots}")
-    graphs = DecodeGraphs(model, kv_step=kv_step)
-    if capture_now:
-        graphs.capture_all()
-    return graphs
+    def drop(self) -> None:
+        """Forget every graph (the self-check found them wrong): every step runs eagerly."""
+        self.graphs.clear()
 
 
 def to_device(values: Any, device: torch.device, dtype: torch.dtype = torch.long) -> Tensor:

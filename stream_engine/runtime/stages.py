@@ -30,7 +30,7 @@ from ..bark import prompts
 from ..bark.model import CausalGPT, FineGPT
 from ..bark.prompts import BarkConstants
 from ..bark.sampling import RowParams, apply_min_eos_p, choose, choose_fine
-from .cuda import make_decoder, to_device
+from .cuda import StepGraphs, to_device
 from .request import MAX_PREVIEWS, Request, Status
 
 NEVER = float("inf")  # a min_eos_p that never fires
@@ -147,10 +147,26 @@ class Stage:
         return True
 
 
-class SemanticStage(Stage):
-    """Text (+ voice) -> semantic tokens, until EOS or the request's cap."""
+class DecodeStage(Stage):
+    """A stage that generates tokens one step at a time: the semantic and the coarse stages.
 
-    name = "semantic"
+    One step prefills the rows that start (their prompts, eagerly: lengths vary) and decodes
+    every other live row by one token in one pass. The decode step (:meth:`step_fn`) is the
+    model's forward pass *and* the choice of the next token, reading and writing static
+    buffers only, so that on CUDA it is captured whole (:class:`~.cuda.StepGraphs`):
+
+    * ``ids`` (S,): each slot's next input token; a step overwrites it with the token it chose;
+    * ``meta`` (3, S): each slot's position, sampling counter (the row's tokens so far) and the
+      stage's per-row value for :meth:`mask` (the coarse codebook), written by the host once
+      per step in one copy;
+    * ``logits`` (S, V - head_start): the step's logits in float32 (those the model computes,
+      see ``CausalGPT.restrict_head``), for the self-check.
+
+    Tokens are read back only when the host needs them (:meth:`sync_due`); until then they wait
+    on the device in ``_pending``. Subclasses provide the prompts (:meth:`prompts`), the token
+    masks (:meth:`mask`), what a token means to a row (:meth:`take`) and what leaving means
+    (:meth:`leave`).
+    """
 
     def __init__(
         self,
@@ -165,76 +181,83 @@ class SemanticStage(Stage):
         dev = model.lm_head.weight.device
         self.device = dev
         model.setup_cache(slots)
-        # decode of all slots: CUDA graphs per batch/kv bucket on CUDA, model.decode elsewhere
-        self.decode = make_decoder(model, slots, dev, cuda_graphs, capture_now=cuda_graphs)
+        V = model.decode_vocab
+        self.ids = torch.zeros(slots, dtype=torch.long, device=dev)  # (S,)
+        self.meta = torch.zeros(3, slots, dtype=torch.long, device=dev)  # (3, S)
+        self.logits = torch.zeros(slots, V, dtype=torch.float32, device=dev)  # (S, V)
         self.params = _Params(slots, dev)
-        self.next_ids = torch.zeros(slots, dtype=torch.long, device=dev)
-        V = model.cfg.output_vocab_size
-        # Bark suppresses every id above EOS: (semantic_vocab, pad) and (pad, V)
-        keep = torch.zeros(V, dtype=torch.bool, device=dev)
-        keep[: consts.semantic_vocab_size] = True
-        keep[consts.semantic_pad_token] = True
-        self.suppress = ~keep
-        self.prompt_len = consts.max_input_semantic_length + 1
         self._pending: list[tuple[Tensor, list[_Row | None]]] = []
         self._since_sync = 0
+        # CUDA graphs of step_fn, captured by capture_graphs (Engine.load); None: always eager
+        self.graphs: StepGraphs | None = StepGraphs(model, self.step_fn) if cuda_graphs else None
+
+    # -- hooks ----------------------------------------------------------------------------
+
+    def prompts(self, rows: list[tuple[int, _Row]]) -> tuple[Tensor, Tensor]:
+        """Embedded prompts (B, T, C) of rows that start, and each one's last index (B,).
+
+        Sets each row's ``pos`` (its next position) and whatever else the stage tracks."""
+        raise NotImplementedError
+
+    def mask(self, logits: Tensor, aux: Tensor, rows: Tensor | slice) -> Tensor:
+        """Scores (B, V) from float32 logits (B, V): the stage's token masks. ``aux`` (B,) is
+        :meth:`aux` of each row, ``rows`` their slots. Must be capturable: no host sync."""
+        raise NotImplementedError
+
+    def aux(self, r: _Row) -> int:
+        """The per-row value :meth:`mask` reads (0 unless the stage needs one)."""
+        return 0
+
+    def advance(self, r: _Row) -> None:
+        """Bookkeeping after a live row got its token of this step (read back or not)."""
+
+    def sync_due(self, live: list[tuple[int, _Row]]) -> bool:
+        raise NotImplementedError
+
+    def take(self, r: _Row, tok: int) -> None:
+        """A token of ``r``, read back; may mark the row done."""
+        raise NotImplementedError
+
+    def after_sync(self) -> list[Request]:
+        """After a readback: requests the stage emits besides finished ones (previews)."""
+        return []
+
+    def leave(self, r: _Row) -> None:
+        """``r`` is done: put what the stage made into its request."""
+
+    # -- the step -------------------------------------------------------------------------
+
+    def step_fn(self, b: int, s: int, variant: bool) -> None:
+        """One decode step of slots ``[0, b)``, keys up to ``s``: static buffers in and out."""
+        pos, counter, aux = self.meta[0, :b], self.meta[1, :b], self.meta[2, :b]
+        part = self.model.decode(self.ids[:b], pos, s).float()  # (b, V - head_start)
+        self.logits[:b].copy_(part)
+        logits = self._widen(part)  # (b, V)
+        rows = slice(0, b)
+        p = self.params.rows(rows)
+        tok = choose(self.mask(logits, aux, rows), p, counter, use_top_k=variant, use_top_p=variant)
+        self.ids[:b].copy_(tok)
+
+    def _widen(self, part: Tensor) -> Tensor:
+        """Decode logits back to full width (ids below the head's start can never be picked), so
+        that sampling sees the same scores and noise indices as with the whole head."""
+        start = self.model.head_start
+        if start == 0:
+            return part
+        logits = part.new_full((part.size(0), self.model.cfg.output_vocab_size), float("-inf"))
+        logits[:, start:] = part
+        return logits
+
+    @staticmethod
+    def _filtered(rows: list[_Row]) -> bool:
+        return any(r.req.options.top_k or r.req.options.top_p for r in rows)
 
     def admit(self, req: Request) -> None:
-        row = _Row(req)
-        i = self.slots.take(row)
+        i = self.slots.take(self.row(req))
         self.model.clear_slot(i)
-        o = req.options
-        self.params.set(i, o.text_temp, req, o.min_eos_p)
-        req.status = Status.SEMANTIC
 
-    def _scores(self, logits: Tensor, idx: Tensor | slice) -> Tensor:
-        scores = logits.float().masked_fill(self.suppress, float("-inf"))
-        return apply_min_eos_p(scores, self.c.semantic_pad_token, self.params.min_eos_p[idx])
-
-    def _prefill(self, rows: list[tuple[int, _Row]]) -> None:
-        c, dev = self.c, self.device
-        text, hist = [], []
-        for _, r in rows:
-            t, h = prompts.semantic_prompt(r.req.text_ids, r.req.voice, c)
-            text.append(t)
-            hist.append(h)
-        emb = self.model.embed
-        text_t = to_device(text, dev)
-        hist_t = to_device(hist, dev)
-        infer = torch.full((len(rows), 1), c.semantic_infer_token, device=dev)
-        x = torch.cat([emb(text_t) + emb(hist_t), emb(infer)], dim=1)  # (B, 257, C)
-        slots = to_device([i for i, _ in rows], dev)
-        last = torch.full((len(rows),), self.prompt_len - 1, device=dev)
-        logits = self.model.prefill(x, slots, last)
-        tok = choose(self._scores(logits, slots), self.params.rows(slots), torch.zeros_like(slots))
-        self.next_ids[slots] = tok
-        for _, r in rows:
-            r.prefill, r.pos = False, self.prompt_len
-        self._pending.append((tok, [r for _, r in rows]))
-
-    def _decode(self, rows: list[tuple[int, _Row]]) -> None:
-        n = max(i for i, _ in rows) + 1
-        pos = [0] * n  # empty and prefilling slots decode a dummy token at position 0
-        for i, r in rows:
-            pos[i] = r.pos
-        pos_t = to_device(pos, self.device)
-        kv_len = max(pos) + 1
-        logits = self.decode(self.next_ids[:n], pos_t, kv_len)
-        counter = (pos_t - (self.prompt_len - 1)).clamp(min=0)
-        p = self.params.rows(slice(0, n))
-        tok = choose(
-            self._scores(logits, slice(0, n)),
-            p,
-            counter,
-            use_top_k=any(r.req.options.top_k for _, r in rows),
-            use_top_p=any(r.req.options.top_p for _, r in rows),
-        )
-        self.next_ids[:n] = tok
-        ordered: list[_Row | None] = [None] * n
-        for i, r in rows:
-            ordered[i] = r
-            r.pos += 1
-        self._pending.append((tok, ordered))
+    def row(self, req: Request) -> _Row:
+        raise NotImplementedError
 
     def step(self) -> list[Request]:
         live = [(i, r) for i, r in self.slots.items() if not r.done]
@@ -247,76 +270,235 @@ class SemanticStage(Stage):
             self._prefill(starting)
         for _, r in live:
             r.generated += 1
+            self.advance(r)
             r.req.mark(self.name)
         self._since_sync += 1
-        at_cap = any(r.generated >= r.req.max_semantic_tokens for _, r in live)
-        if at_cap or self._since_sync >= self.sync_every:
+        if self.sync_due(live):
             return self._sync()
-        return []
+        return self._release_done()
+
+    def _prefill(self, rows: list[tuple[int, _Row]]) -> None:
+        x, last = self.prompts(rows)  # (B, T, C), (B,)
+        # slot, counter and aux of each row, in one copy
+        meta = to_device([[i for i, _ in rows], [r.generated for _, r in rows]], self.device)
+        aux = to_device([self.aux(r) for _, r in rows], self.device)
+        slots, counter = meta[0], meta[1]
+        logits = self.model.prefill(x, slots, last).float()  # (B, V)
+        p = self.params.rows(slots)
+        filtered = self._filtered([r for _, r in rows])
+        scores = self.mask(logits, aux, slots)
+        tok = choose(scores, p, counter, use_top_k=filtered, use_top_p=filtered)
+        self.ids[slots] = tok
+        for _, r in rows:
+            r.prefill = False
+        self._pending.append((tok, [r for _, r in rows]))
+
+    def _decode(self, rows: list[tuple[int, _Row]]) -> None:
+        n = max(i for i, _ in rows) + 1
+        # empty and prefilling slots decode a dummy token at position 0
+        meta = [[0] * n, [0] * n, [0] * n]
+        owners: list[_Row | None] = [None] * n
+        for i, r in rows:
+            meta[0][i], meta[1][i], meta[2][i], owners[i] = r.pos, r.generated, self.aux(r), r
+        kv_len = max(meta[0]) + 1
+        variant = self._filtered([r for _, r in rows])
+        key = self.graphs.lookup(n, kv_len, variant) if self.graphs is not None else None
+        if key is None:
+            self.meta[:, :n].copy_(to_device(meta, self.device))
+            self.step_fn(n, kv_len, variant)
+        else:
+            b = key[0]
+            pad = [0] * (b - n)  # rows [n, b): token 0 at position 0
+            self.meta[:, :b].copy_(to_device([m + pad for m in meta], self.device))
+            self.ids[n:b].zero_()
+            assert self.graphs is not None
+            self.graphs.replay(key)
+        for _, r in rows:
+            r.pos += 1
+        self._pending.append((self.ids[:n].clone(), owners))
 
     def _sync(self) -> list[Request]:
-        """Read back pending tokens, find EOS, free finished slots."""
+        """Read back pending tokens, give each to its row; free finished slots."""
         self._since_sync = 0
-        if not self._pending:
-            return []
-        flat = torch.cat([t for t, _ in self._pending]).tolist()
-        k = 0
-        for _, owners in self._pending:
-            for r in owners:
-                tok = flat[k]
-                k += 1
-                if r is None or r.done:
-                    continue
-                if tok == self.c.semantic_pad_token:
-                    r.done = True  # EOS: not part of the output
-                    continue
-                r.req.semantic.append(tok)
-                if len(r.req.semantic) >= r.req.max_semantic_tokens:
-                    r.done = True
-        self._pending.clear()
+        if self._pending:
+            flat = torch.cat([t for t, _ in self._pending]).tolist()
+            k = 0
+            for _, owners in self._pending:
+                for r in owners:
+                    if r is not None and not r.done:
+                        self.take(r, flat[k])
+                    k += 1
+            self._pending.clear()
+        extra = self.after_sync()
+        return self._release_done() + extra
+
+    def _release_done(self) -> list[Request]:
         out = []
         for i, r in self.slots.items():
-            if r.done:
+            if r.done:  # rows become done at a sync (pending read) or at admission
                 self.slots.release(i)
+                self.leave(r)
                 out.append(r.req)
         return out
 
     def remove(self, req: Request) -> bool:
-        removed = super().remove(req)
-        if removed:
-            # drop its unread tokens: rows that left are simply skipped
-            for _, owners in self._pending:
-                for r in owners:
-                    if r is not None and r.req is req:
-                        r.done = True
-        return removed
+        i = self.slots.find(req)
+        if i is None:
+            return False
+        row = self.slots.rows[i]
+        assert row is not None
+        row.done = True  # its pending tokens are skipped at the next sync
+        self.slots.release(i)
+        return True
+
+    # -- load time ------------------------------------------------------------------------
+
+    def capture_graphs(self) -> None:
+        """Capture every decode bucket (CUDA). Only while no slot holds a request."""
+        if self.graphs is None:
+            return
+        assert self.active == 0, "capture only while the stage is empty"
+
+        def prepare() -> None:  # every row a dummy at position 0, as padding rows are
+            self.ids.zero_()
+            self.meta.zero_()
+
+        self.graphs.capture_all(prepare)
+        prepare()
+
+    @torch.inference_mode()
+    def trial(self, lens: list[int], steps: int, graphs: bool) -> tuple[Tensor, Tensor]:
+        """Greedy decode of fixed prompts, for the self-check: ``steps`` steps of every slot.
+
+        Slot ``i`` is prefilled with ``lens[i]`` fixed tokens, then all slots decode together
+        from there, eagerly on the buckets' padded shapes (``graphs=False``) or by replaying
+        the captured graphs (``graphs=True``). Returns the chosen tokens (steps, S) and the
+        logits (steps, S, V). Only while the stage is empty; leaves the slots cleared.
+        """
+        assert self.active == 0, "trial only while the stage is empty"
+        assert self.graphs is not None
+        S, dev = len(self.slots.rows), self.device
+        g = torch.Generator().manual_seed(0)
+        vocab = min(self.model.cfg.input_vocab_size, self.c.semantic_vocab_size)
+        T = max(lens)
+        ids = torch.randint(0, vocab, (S, T), generator=g).to(dev)
+        slots = torch.arange(S, device=dev)
+        greedy = self.params.p.greedy.clone()
+        self.params.p.greedy.fill_(True)
+        try:
+            for i in range(S):
+                self.model.clear_slot(i)
+            last = torch.tensor(lens, device=dev) - 1
+            self.model.prefill(self.model.embed(ids), slots, last)
+            self.ids.copy_(ids.gather(1, last[:, None])[:, 0])
+            pos = list(lens)
+            tokens, logits = [], []
+            for k in range(steps):
+                key = self.graphs.key(S, max(pos) + 1, False)
+                self.meta.copy_(to_device([pos, [k + 1] * S, [0] * S], dev))
+                if graphs:
+                    self.graphs.replay(key)
+                else:
+                    self.step_fn(*key)
+                tokens.append(self.ids.clone())
+                logits.append(self.logits.clone())
+                pos = [p + 1 for p in pos]
+            return torch.stack(tokens), torch.stack(logits)
+        finally:
+            self.params.p.greedy.copy_(greedy)
+            for i in range(S):
+                self.model.clear_slot(i)
+            self.ids.zero_()
+            self.meta.zero_()
 
 
-class CoarseStage(Stage):
+class SemanticStage(DecodeStage):
+    """Text (+ voice) -> semantic tokens, until EOS or the request's cap."""
+
+    name = "semantic"
+
+    def __init__(
+        self,
+        model: CausalGPT,
+        consts: BarkConstants,
+        slots: int,
+        sync_every: int = 1,
+        cuda_graphs: bool = False,
+    ) -> None:
+        super().__init__(model, consts, slots, sync_every, cuda_graphs)
+        V = model.cfg.output_vocab_size
+        # Bark suppresses every id above EOS: (semantic_vocab, pad) and (pad, V)
+        keep = torch.zeros(V, dtype=torch.bool, device=self.device)
+        keep[: consts.semantic_vocab_size] = True
+        keep[consts.semantic_pad_token] = True
+        self.suppress = ~keep
+        self.prompt_len = consts.max_input_semantic_length + 1
+
+    def row(self, req: Request) -> _Row:
+        return _Row(req)
+
+    def admit(self, req: Request) -> None:
+        super().admit(req)
+        i = self.slots.find(req)
+        assert i is not None
+        o = req.options
+        self.params.set(i, o.text_temp, req, o.min_eos_p)
+        req.status = Status.SEMANTIC
+
+    def mask(self, logits: Tensor, aux: Tensor, rows: Tensor | slice) -> Tensor:
+        scores = logits.masked_fill(self.suppress, float("-inf"))
+        return apply_min_eos_p(scores, self.c.semantic_pad_token, self.params.min_eos_p[rows])
+
+    def prompts(self, rows: list[tuple[int, _Row]]) -> tuple[Tensor, Tensor]:
+        c, dev = self.c, self.device
+        text, hist = [], []
+        for _, r in rows:
+            t, h = prompts.semantic_prompt(r.req.text_ids, r.req.voice, c)
+            text.append(t)
+            hist.append(h)
+            r.pos = self.prompt_len
+        emb = self.model.embed
+        ids = to_device([text, hist], dev)  # (2, B, 256)
+        infer = torch.full((len(rows), 1), c.semantic_infer_token, device=dev)
+        x = torch.cat([emb(ids[0]) + emb(ids[1]), emb(infer)], dim=1)  # (B, 257, C)
+        last = torch.full((len(rows),), self.prompt_len - 1, device=dev)
+        return x, last
+
+    def sync_due(self, live: list[tuple[int, _Row]]) -> bool:
+        at_cap = any(r.generated >= r.req.max_semantic_tokens for _, r in live)
+        return at_cap or self._since_sync >= self.sync_every
+
+    def take(self, r: _Row, tok: int) -> None:
+        if tok == self.c.semantic_pad_token:
+            r.done = True  # EOS: not part of the output
+            return
+        r.req.semantic.append(tok)
+        if len(r.req.semantic) >= r.req.max_semantic_tokens:
+            r.done = True
+
+
+class CoarseStage(DecodeStage):
     """Semantic tokens -> the first two codebooks, in Bark's sliding windows."""
 
     name = "coarse"
 
     def __init__(
-        self, model: CausalGPT, consts: BarkConstants, slots: int, cuda_graphs: bool = False
+        self,
+        model: CausalGPT,
+        consts: BarkConstants,
+        slots: int,
+        sync_every: int = 1,
+        cuda_graphs: bool = False,
     ) -> None:
-        super().__init__(slots)
-        self.model, self.c = model, consts
-        dev = model.lm_head.weight.device
-        self.device = dev
-        model.setup_cache(slots)
         # no coarse id is below the first codebook's: decode steps skip those logits
         model.restrict_head(consts.semantic_vocab_size)
-        self.decode = make_decoder(model, slots, dev, cuda_graphs, capture_now=cuda_graphs)
-        self.params = _Params(slots, dev)
-        self.next_ids = torch.zeros(slots, dtype=torch.long, device=dev)
-        self.vocab = torch.arange(model.cfg.output_vocab_size, device=dev)
-        self._pending: list[tuple[Tensor, list[_Row | None]]] = []
+        super().__init__(model, consts, slots, sync_every, cuda_graphs)
+        self.vocab = torch.arange(model.cfg.output_vocab_size, device=self.device)
 
-    def admit(self, req: Request) -> None:
+    def row(self, req: Request) -> _Row:
         c = self.c
         sem_hist, coarse_hist = prompts.coarse_histories(req.voice, c)
-        row = _Row(
+        return _Row(
             req,
             semantic=sem_hist + list(req.semantic),
             base=len(sem_hist),
@@ -324,39 +506,38 @@ class CoarseStage(Stage):
             hist_len=len(coarse_hist),
             total=prompts.coarse_length(len(req.semantic), c),
         )
-        i = self.slots.take(row)
-        self.model.clear_slot(i)
+
+    def admit(self, req: Request) -> None:
+        super().admit(req)
+        i = self.slots.find(req)
+        assert i is not None
+        row = self.slots.rows[i]
+        assert row is not None
         self.params.set(i, req.options.coarse_temp, req)
         req.status = Status.COARSE
         if row.total == 0:
             row.done = True
 
-    def _scores(self, logits: Tensor, codebook: list[int]) -> Tensor:
+    def aux(self, r: _Row) -> int:
+        return r.in_window % 2  # the codebook of the row's next token
+
+    def mask(self, logits: Tensor, aux: Tensor, rows: Tensor | slice) -> Tensor:
         """Bark's alternating codebooks, as transformers' ``AlternatingCodebooksLogitsProcessor``.
 
-        The first codebook may use ids [10000, 11024); the second only loses ids below 11024,
-        so ids from 12048 up stay allowed (original Bark cut them too). Trained weights never
-        pick them; random ones do, and we follow the reference token for token. Such an id
-        maps back into [0, 1024) by the remainder the fine stage takes.
+        ``aux`` is each row's codebook. The first codebook may use ids [10000, 11024); the
+        second only loses ids below 11024, so ids from 12048 up stay allowed (original Bark cut
+        them too). Trained weights never pick them; random ones do, and we follow the reference
+        token for token. Such an id maps back into [0, 1024) by the remainder the fine stage
+        takes.
         """
         c = self.c
-        cb = to_device(codebook, self.device)[:, None]
+        cb = aux[:, None]
         lo = c.semantic_vocab_size + cb * c.codebook_size
         hi = torch.where(cb == 0, lo + c.codebook_size, self.vocab.numel())
         allowed = (self.vocab[None] >= lo) & (self.vocab[None] < hi)
-        return logits.float().masked_fill(~allowed, float("-inf"))
+        return logits.masked_fill(~allowed, float("-inf"))
 
-    def _choose(self, logits: Tensor, rows: list[_Row | None], idx: Tensor | slice) -> Tensor:
-        opts = [r.req.options for r in rows if r is not None]
-        return choose(
-            self._scores(logits, [0 if r is None else r.in_window % 2 for r in rows]),
-            self.params.rows(idx),
-            to_device([0 if r is None else r.generated for r in rows], self.device),
-            use_top_k=any(o.top_k for o in opts),
-            use_top_p=any(o.top_p for o in opts),
-        )
-
-    def _prefill(self, rows: list[tuple[int, _Row]]) -> None:
+    def prompts(self, rows: list[tuple[int, _Row]]) -> tuple[Tensor, Tensor]:
         c, dev = self.c, self.device
         seqs = []
         for _, r in rows:
@@ -367,60 +548,21 @@ class CoarseStage(Stage):
             r.pos = len(seqs[-1])
         T = max(len(s) for s in seqs)
         ids = to_device([s + [0] * (T - len(s)) for s in seqs], dev)  # right-padded
-        slots = to_device([i for i, _ in rows], dev)
         last = to_device([len(s) - 1 for s in seqs], dev)
-        logits = self.model.prefill(self.model.embed(ids), slots, last)
-        owners: list[_Row | None] = [r for _, r in rows]
-        tok = self._choose(logits, owners, slots)  # the window's first token: codebook 0
-        self.next_ids[slots] = tok
-        for _, r in rows:
-            r.prefill = False
-        self._pending.append((tok, owners))
+        return self.model.embed(ids), last
 
-    def _decode(self, rows: list[tuple[int, _Row]]) -> None:
-        n = max(i for i, _ in rows) + 1
-        pos = [0] * n
-        owners: list[_Row | None] = [None] * n
-        for i, r in rows:
-            pos[i], owners[i] = r.pos, r
-        part = self.decode(self.next_ids[:n], to_device(pos, self.device), max(pos) + 1)
-        # back to full width (ids below the head's start can never be picked), so that
-        # sampling sees the same scores and noise indices as with the whole head
-        logits = part.new_full((n, self.vocab.numel()), float("-inf"))
-        logits[:, self.model.head_start :] = part
-        tok = self._choose(logits, owners, slice(0, n))
-        self.next_ids[:n] = tok
-        for _, r in rows:
-            r.pos += 1
-        self._pending.append((tok, owners))
+    def advance(self, r: _Row) -> None:
+        r.window_left -= 1
+        r.in_window += 1
 
-    def step(self) -> list[Request]:
-        live = [(i, r) for i, r in self.slots.items() if not r.done]
-        decoding = [(i, r) for i, r in live if not r.prefill]
-        if decoding:
-            self._decode(decoding)
-        starting = [(i, r) for i, r in live if r.prefill]
-        self.window = bool(starting)
-        if starting:
-            self._prefill(starting)
-        window_end = False
-        for _, r in live:
-            r.generated += 1
-            r.window_left -= 1
-            r.in_window += 1
-            r.req.mark(self.name)
-            window_end |= r.window_left == 0
-        return self._sync() if window_end else self._finished()
+    def sync_due(self, live: list[tuple[int, _Row]]) -> bool:
+        # the next window's prompt is built from the tokens: read them at every window's end
+        return any(r.window_left == 0 for _, r in live)
 
-    def _sync(self) -> list[Request]:
-        flat = torch.cat([t for t, _ in self._pending]).tolist() if self._pending else []
-        k = 0
-        for _, owners in self._pending:
-            for r in owners:
-                if r is not None and not r.done:
-                    r.coarse.append(flat[k])
-                k += 1
-        self._pending.clear()
+    def take(self, r: _Row, tok: int) -> None:
+        r.coarse.append(tok)
+
+    def after_sync(self) -> list[Request]:
         previews = []
         for _, r in self.slots.items():
             if r.window_left == 0 and not r.done:
@@ -429,7 +571,7 @@ class CoarseStage(Stage):
                 else:
                     r.prefill = True  # next window
                     previews += self._preview(r)
-        return self._finished() + previews
+        return previews
 
     def _preview(self, r: _Row) -> list[Request]:
         """A preview of ``r``'s segment, if it asked for previews and one is due."""
@@ -452,24 +594,8 @@ class CoarseStage(Stage):
         frames = gen.reshape(-1, self.c.n_coarse_codebooks).T  # (2, T)
         return np.remainder(frames - self.c.semantic_vocab_size, self.c.codebook_size)
 
-    def _finished(self) -> list[Request]:
-        out = []
-        for i, r in self.slots.items():
-            if r.done:  # rows become done at a sync (pending read) or at admission
-                self.slots.release(i)
-                r.req.coarse = self._codes(r)
-                out.append(r.req)
-        return out
-
-    def remove(self, req: Request) -> bool:
-        i = self.slots.find(req)
-        if i is None:
-            return False
-        row = self.slots.rows[i]
-        assert row is not None
-        row.done = True  # its pending tokens are skipped at the next sync
-        self.slots.release(i)
-        return True
+    def leave(self, r: _Row) -> None:
+        r.req.coarse = self._codes(r)
 
 
 class FineStage(Stage):

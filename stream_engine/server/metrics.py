@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ..runtime.scheduler import STAGES
@@ -30,13 +30,14 @@ class Live:
     streams: Callable[[], int]  # streams open on all connections and HTTP requests
     depths: Callable[[], Mapping[str, int]]  # stage -> requests waiting to enter it
     mode: Callable[[], Mapping[str, Any]]  # Engine.decode_mode(): how it decodes, fallbacks
+    eager_steps: Callable[[], Mapping[str, int]]  # Engine.eager_steps(): decode steps off-graph
 
 
 class _LiveCollector(Collector):
     def __init__(self, live: Live) -> None:
         self.live = live
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         yield GaugeMetricFamily(
             "stream_engine_connections",
             "Open WebSocket connections.",
@@ -55,6 +56,7 @@ class _LiveCollector(Collector):
         yield depth
         mode = dict(self.live.mode())
         fallbacks = [str(f) for f in mode.pop("fallbacks", [])]
+        checks = mode.pop("checks", {})
         keys = sorted(mode)
         decode = GaugeMetricFamily(
             "stream_engine_decode_mode", "How the engine decodes (1 for its mode).", labels=keys
@@ -69,6 +71,22 @@ class _LiveCollector(Collector):
         for reason in fallbacks:
             fell.add_metric([reason], 1)
         yield fell
+        capture = GaugeMetricFamily(
+            "stream_engine_graph_capture_seconds",
+            "Seconds the load spent capturing each stage's decode graphs (CUDA).",
+            labels=["stage"],
+        )
+        for stage, seconds in checks.get("capture_s", {}).items():
+            capture.add_metric([stage], seconds)
+        yield capture
+        eager = CounterMetricFamily(
+            "stream_engine_eager_decode_steps",
+            "Decode steps that found no captured graph and ran eagerly (stages with graphs).",
+            labels=["stage"],
+        )
+        for stage, steps in self.live.eager_steps().items():
+            eager.add_metric([stage], steps)
+        yield eager
 
 
 class Metrics:

@@ -70,6 +70,7 @@ class Service:
                 streams=lambda: sum(len(c.jobs) for c in self.clients),
                 depths=lambda: {n: w for n, (w, _) in engine.runtime.depths().items()},
                 mode=engine.decode_mode,
+                eager_steps=engine.eager_steps,
             )
         )
         self.name = self.config.server_name or f"{socket.gethostname()}-{os.getpid()}"

@@ -1,39 +1,22 @@
-"""What of :mod:`stream_engine.runtime.cuda` runs without a GPU: buckets, padding, the gate.
+"""What of the decode graphs runs without a GPU: buckets, padding, the whole step, no late capture.
 
-``DecodeGraphs(capture=False)`` runs the padded static-buffer step eagerly, so the bookkeeping
-that the CUDA graphs rely on (padding rows, kv buckets, static buffers, cache reallocation) is
-tested here on every machine; tests/gpu/test_cuda.py tests the capture itself on a GPU.
+``StepGraphs(capture=False)`` keeps the graphs' bookkeeping and "replays" by running the stage's
+step on the bucket's padded shapes, so what the CUDA graphs rely on (padding rows, kv buckets,
+static buffers, sampling inside the step, staleness after a cache reallocation) is tested here
+on every machine; tests/gpu/test_cuda.py tests the capture itself on a GPU.
 """
 
+import logging
+
+import numpy as np
 import pytest
 import torch
 
-from stream_engine.bark.model import CausalGPT, GPTConfig
-from stream_engine.runtime.cuda import (
-    DecodeGraphs,
-    batch_buckets,
-    bucket_for,
-    kv_buckets,
-    make_decoder,
-    to_device,
-)
-
-CFG = GPTConfig(
-    block_size=512, input_vocab_size=300, output_vocab_size=200, n_layer=2, n_head=2, n_embd=32
-)
-
-
-def _model(slots: int) -> CausalGPT:
-    torch.manual_seed(0)
-    m = CausalGPT(CFG).eval().requires_grad_(False)
-    m.setup_cache(slots)
-    return m
-
-
-def _prefill(m: CausalGPT, lens: list[int]) -> None:
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, CFG.input_vocab_size, (len(lens), max(lens)), generator=g)
-    m.prefill(m.embed(ids), torch.arange(len(lens)), torch.tensor(lens) - 1)
+from stream_engine.bark.model import CausalGPT, from_hf
+from stream_engine.config import GenerationOptions
+from stream_engine.runtime import cuda
+from stream_engine.runtime.cuda import StepGraphs, batch_buckets, bucket_for, kv_buckets, to_device
+from stream_engine.runtime.stages import CoarseStage, DecodeStage, SemanticStage
 
 
 def test_buckets():
@@ -51,84 +34,160 @@ def test_buckets():
         batch_buckets(0)
 
 
-def test_make_decoder_is_model_decode_off_cuda():
-    m = _model(4)
-    assert make_decoder(m, 4, "cpu", enabled=True) == m.decode
-    assert make_decoder(m, 4, torch.device("cpu"), enabled=False) == m.decode
+def _stage(tiny, kind: type[DecodeStage], slots: int = 6, graphs: bool = True) -> DecodeStage:
+    """A stage on the tiny engine's weights with its own cache; graphs emulated (no CUDA)."""
+    hf = tiny.loaded.model
+    model = from_hf(hf.semantic if kind is SemanticStage else hf.coarse_acoustics)
+    assert isinstance(model, CausalGPT)
+    return kind(model, tiny.consts, slots, cuda_graphs=graphs)
 
 
-def test_capture_needs_cuda():
+def test_capture_needs_cuda(tiny):
+    stage = _stage(tiny, SemanticStage, graphs=False)
     with pytest.raises(ValueError, match="CUDA"):
-        DecodeGraphs(_model(2))
+        StepGraphs(stage.model, stage.step_fn, capture=True)
+
+
+@pytest.mark.parametrize("kind", [SemanticStage, CoarseStage])
+@torch.inference_mode()
+def test_padded_step_equals_the_unpadded_step(tiny, kind):
+    """The step on the buckets' shapes (what a graph replays) against the step on the exact
+    shapes, rows at their own positions, n and kv_len not buckets: same greedy tokens, logits
+    equal to rounding. The step includes sampling: its tokens come back in ``ids``."""
+    stage = _stage(tiny, kind)
+    graphs = stage.graphs
+    assert graphs is not None and not graphs.capture
+    lens = [40, 7, 130, 1, 120, 64]
+
+    def run(n: int, padded: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        stage.params.p.greedy.fill_(True)
+        ids = torch.randint(0, 1000, (6, max(lens)), generator=torch.Generator().manual_seed(3))
+        stage.model.prefill(stage.model.embed(ids), torch.arange(6), torch.tensor(lens) - 1)
+        stage.ids.copy_(ids[:, 0])
+        pos = list(lens[:n])
+        tokens, logits = [], []
+        for k in range(12):  # rows cross the 128 kv bucket
+            b, s, _ = graphs.key(n, max(pos) + 1, False)
+            if not padded:
+                b, s = n, max(pos) + 1
+            meta = [pos + [0] * (b - n), [k] * b, [0] * b]
+            stage.meta[:, :b] = to_device(meta, stage.device)
+            stage.ids[n:b] = 0
+            stage.step_fn(b, s, False)
+            tokens.append(stage.ids[:n].clone())
+            logits.append(stage.logits[:n].clone())
+            pos = [p + 1 for p in pos]
+        return torch.stack(tokens), torch.stack(logits)
+
+    for n in (5, 3, 6, 1):
+        exact_t, exact_l = run(n, padded=False)
+        pad_t, pad_l = run(n, padded=True)
+        assert torch.equal(exact_t, pad_t)
+        finite = torch.isfinite(exact_l)
+        assert torch.equal(finite, torch.isfinite(pad_l))
+        torch.testing.assert_close(pad_l[finite], exact_l[finite], atol=1e-5, rtol=1e-5)
+    assert int(finite.sum()) > 0
 
 
 @torch.inference_mode()
-def test_padded_step_equals_decode():
-    """Rows at different positions, n not a bucket, kv_len not a bucket: same logits."""
-    m = _model(8)
-    lens = [40, 7, 130, 1, 300, 64, 255, 128]
-    _prefill(m, lens)
-    graphs = DecodeGraphs(m, kv_step=64, capture=False)
-    pos = torch.tensor(lens)
-    for n in (3, 5, 8, 1):
-        for _ in range(3):
-            ids = torch.randint(0, CFG.input_vocab_size, (n,))
-            p = pos[:n].clone()
-            kv_len = int(p.max()) + 1
-            want = m.decode(ids, p, kv_len)  # (n, V)
-            # the padded call by hand: what a graph replays
-            b, s = bucket_for(n, graphs.batch_sizes), bucket_for(kv_len, graphs.kv_lens)
-            zeros = torch.zeros(b - n, dtype=torch.long)
-            padded = m.decode(torch.cat([ids, zeros]), torch.cat([p, zeros]), s)[:n]
-            got = graphs(ids, p, kv_len)
-            assert got.shape == (n, CFG.output_vocab_size) and got.dtype == torch.float32
-            assert torch.equal(got, padded.float())
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-            assert torch.equal(got.argmax(-1), want.argmax(-1))
-            pos[:n] += 1
+def test_trial_runs_the_same_step_both_ways(tiny):
+    """The self-check's trial: eager on the padded shapes and the (emulated) replay agree bit for
+    bit; the trial leaves the stage's state as it found it."""
+    stage = _stage(tiny, CoarseStage, slots=4)
+    stage.capture_graphs()
+    stage.params.p.greedy.fill_(False)
+    lens = [120, 30, 200, 9]
+    eager = stage.trial(lens, 10, graphs=False)
+    again = stage.trial(lens, 10, graphs=True)
+    assert eager[0].shape == (10, 4) and eager[1].shape == (10, 4, stage.model.decode_vocab)
+    assert torch.equal(eager[0], again[0]) and torch.equal(eager[1], again[1])
+    assert not bool(stage.params.p.greedy.any())  # restored
+    assert int(stage.ids.abs().sum()) == 0 and int(stage.meta.abs().sum()) == 0
+
+
+def _serve(stage: DecodeStage, reqs) -> None:
+    for r in reqs:
+        stage.admit(r)
+    left = {r.id for r in reqs}
+    for _ in range(2000):
+        left -= {r.id for r in stage.step()}
+        if not left:
+            return
+    raise AssertionError("the stage did not finish")
+
+
+def _requests(tiny, n: int, **options):
+    texts = ["One, two.", "A somewhat longer sentence for the second row.", "Three.", "Four!"]
+    opts = GenerationOptions(max_semantic_tokens=30, **options)
+    return [tiny.request(texts[i % 4], None, opts) for i in range(n)]
 
 
 @torch.inference_mode()
-def test_follows_cache_reallocation_and_attention_change():
-    m = _model(4)
-    graphs = DecodeGraphs(m, capture=False)
-    ids, pos = torch.tensor([5, 6]), torch.tensor([0, 0])
-    graphs(ids, pos, 1)
-    m.setup_cache(2)  # new buffers, fewer slots
-    _prefill(m, [10, 20])
-    pos = torch.tensor([10, 20])
-    torch.testing.assert_close(graphs(ids, pos, 21), m.decode(ids, pos, 21), atol=1e-5, rtol=0)
-    assert graphs.slots == 2 and graphs.batch_sizes == (1, 2)
-    m.set_attn("eager")
-    got = graphs(ids, pos + 1, 22)
-    assert graphs._impl == "eager"
-    torch.testing.assert_close(got, m.decode(ids, pos + 1, 22), atol=1e-5, rtol=0)
+def test_a_stage_serves_from_its_graphs_and_never_captures_late(tiny, monkeypatch, caplog):
+    stage = _stage(tiny, SemanticStage, slots=4)
+    stage.capture_graphs()
+    stage2 = _stage(tiny, SemanticStage, slots=2)
+    stage2.capture_graphs()
+    assert set(stage.graphs.graphs) == {
+        (b, s, v) for b in (1, 2, 4) for s in stage.graphs.kv_lens for v in (False, True)
+    }
+
+    def no_capture(*args):
+        raise AssertionError("captured while serving")
+
+    monkeypatch.setattr(StepGraphs, "_capture", no_capture)
+    monkeypatch.setattr(StepGraphs, "capture_all", no_capture)
+    _serve(stage, _requests(tiny, 3))
+    _serve(stage, _requests(tiny, 2, top_k=50, top_p=0.9))  # the other variant
+    assert stage.graphs.eager_steps == 0
+    # a missing bucket runs eagerly, counted: 3 rows from position 257, 30 tokens each (one
+    # from the prefill, 29 decode steps), all in the (4, 384) bucket
+    stage.graphs.graphs.pop((4, 384, False))
+    _serve(stage, _requests(tiny, 3))
+    assert stage.graphs.eager_steps == 29
+    _serve(stage, _requests(tiny, 1))  # bucket (1, 384): captured
+    assert stage.graphs.eager_steps == 29
+    stage.graphs.drop()
+    _serve(stage, _requests(tiny, 1))
+    assert stage.graphs.eager_steps == 29 + 29
+    # a reallocated cache makes the graphs stale: eager from then on, with one warning
+    stage2.model.setup_cache(2)
+    with caplog.at_level(logging.WARNING, logger="stream_engine.runtime.cuda"):
+        _serve(stage2, _requests(tiny, 2))
+    assert stage2.graphs.eager_steps > 0
+    assert sum("decode runs eagerly" in r.getMessage() for r in caplog.records) == 1
 
 
+@pytest.mark.parametrize("kind", [SemanticStage, CoarseStage])
 @torch.inference_mode()
-def test_follows_the_head_restriction():
-    m = _model(2)
-    _prefill(m, [10, 20])
-    graphs = DecodeGraphs(m, capture=False)
-    ids, pos = torch.tensor([5, 6]), torch.tensor([10, 20])
-    full = graphs(ids, pos, 21).clone()
-    assert full.shape == (2, CFG.output_vocab_size)
-    m.restrict_head(120)  # as the coarse stage does: new output buffers
-    tail = graphs(ids, pos, 21)
-    assert tail.shape == (2, 80)
-    torch.testing.assert_close(tail, full[:, 120:], atol=1e-6, rtol=0)
-    torch.testing.assert_close(tail, m.decode(ids, pos, 21), atol=1e-6, rtol=0)
+def test_graphs_give_the_tokens_of_eager_decode(tiny, kind):
+    """Whole requests through a stage whose steps replay (emulated) graphs on padded shapes,
+    against the same stage decoding eagerly: the same tokens, sampled and greedy, with top-k."""
 
+    def run(graphs: bool) -> list:
+        stage = _stage(tiny, kind, slots=4, graphs=graphs)
+        if graphs:
+            stage.capture_graphs()
+        reqs = (
+            _requests(tiny, 2, seed=5)
+            + _requests(tiny, 1, seed=7, top_k=20, top_p=0.8)  # the filtering variant
+            + _requests(tiny, 1, greedy=True)
+        )
+        if kind is CoarseStage:
+            sem = _stage(tiny, SemanticStage, slots=4, graphs=False)
+            _serve(sem, reqs)
+        _serve(stage, reqs)
+        assert graphs == (stage.graphs is not None and stage.graphs.eager_steps == 0)
+        return [np.asarray(r.semantic if kind is SemanticStage else r.coarse) for r in reqs]
 
-def test_too_many_rows_or_keys():
-    m = _model(2)
-    graphs = DecodeGraphs(m, capture=False)
-    with pytest.raises(ValueError):
-        graphs(torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long), 1)
-    with pytest.raises(ValueError):
-        graphs(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), 513)
+    for a, b in zip(run(False), run(True), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_to_device_on_cpu():
     t = to_device([3, 1, 2], torch.device("cpu"))
     assert t.dtype == torch.long and t.tolist() == [3, 1, 2]
+
+
+def test_graphs_only_on_cuda():
+    assert cuda.on_gpu("cuda:0") and not cuda.on_gpu("cpu")
