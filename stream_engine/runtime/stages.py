@@ -159,8 +159,8 @@ class DecodeStage(Stage):
     * ``meta`` (3, S): each slot's position, sampling counter (the row's tokens so far) and the
       stage's per-row value for :meth:`mask` (the coarse codebook), written by the host once
       per step in one copy;
-    * ``logits`` (S, V - head_start): the step's logits in float32 (those the model computes,
-      see ``CausalGPT.restrict_head``), for the self-check.
+    * ``logits`` (S, V): the step's logits in float32, for the self-check: those the model
+      computes (from ``head_start``, see ``CausalGPT.restrict_head``); the others stay 0.
 
     Tokens are read back only when the host needs them (:meth:`sync_due`); until then they wait
     on the device in ``_pending``. Subclasses provide the prompts (:meth:`prompts`), the token
@@ -181,7 +181,7 @@ class DecodeStage(Stage):
         dev = model.lm_head.weight.device
         self.device = dev
         model.setup_cache(slots)
-        V = model.decode_vocab
+        V = model.cfg.output_vocab_size
         self.ids = torch.zeros(slots, dtype=torch.long, device=dev)  # (S,)
         self.meta = torch.zeros(3, slots, dtype=torch.long, device=dev)  # (3, S)
         self.logits = torch.zeros(slots, V, dtype=torch.float32, device=dev)  # (S, V)
@@ -231,7 +231,7 @@ class DecodeStage(Stage):
         """One decode step of slots ``[0, b)``, keys up to ``s``: static buffers in and out."""
         pos, counter, aux = self.meta[0, :b], self.meta[1, :b], self.meta[2, :b]
         part = self.model.decode(self.ids[:b], pos, s).float()  # (b, V - head_start)
-        self.logits[:b].copy_(part)
+        self.logits[:b, self.model.head_start :].copy_(part)
         logits = self._widen(part)  # (b, V)
         rows = slice(0, b)
         p = self.params.rows(rows)

@@ -1,12 +1,14 @@
 """On a CUDA device: decode graphs, exactness against transformers, half precision.
 
 Every test here is marked ``gpu`` (tests/conftest.py skips them without CUDA). Run with
-``pytest -m gpu tests/gpu -q``; benchmarks/gpu.sh does, on the lent GPU machine.
+``pytest -m gpu tests/gpu -q`` (on the lent GPU machine, with the wheels benchmarks/README.md
+says to carry).
 
 What is exact and what is close:
 
-* a graph replay is the eager decode on the same padded shapes, bit for bit (same kernels);
-* against the unpadded eager decode the logits differ by rounding only (the kernels may sum in
+* a graph replay is the eager step (forward pass and sampling) on the same padded shapes, bit
+  for bit (same kernels);
+* against the unpadded eager step the logits differ by rounding only (the kernels may sum in
   another order for another shape), so they are compared with a tolerance and by argmax;
 * greedy tokens of the CUDA engine equal transformers' on the same device and weights (the
   CPU claim of tests/test_exactness.py, on CUDA), with graphs on and with graphs off.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import threading
 
 import numpy as np
 import pytest
@@ -23,8 +26,11 @@ import torch
 from reference import reference_generate, run_mixed
 
 from stream_engine import Engine, EngineConfig
-from stream_engine.bark.model import CausalGPT
-from stream_engine.runtime.cuda import DecodeGraphs, bucket_for
+from stream_engine.bark.model import CausalGPT, from_hf
+from stream_engine.config import GenerationOptions
+from stream_engine.runtime.pipeline import Pipeline
+from stream_engine.runtime.self_check import check_graphs
+from stream_engine.runtime.stages import CoarseStage, DecodeStage, SemanticStage
 
 pytestmark = pytest.mark.gpu
 
@@ -57,111 +63,122 @@ def _own_model(engine: Engine, name: str, slots: int) -> CausalGPT:
     return model
 
 
-def _prefill(model: CausalGPT, lens: list[int], seed: int = 0) -> None:
-    """Slots [0, len(lens)) prefilled with random prompts of these lengths (right-padded)."""
-    dev = model.lm_head.weight.device
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 10_000, (len(lens), max(lens)), generator=g).to(dev)
-    rows = torch.arange(len(lens), device=dev)
-    model.prefill(model.embed(ids), rows, torch.tensor(lens, device=dev) - 1)
-
-
-def _padded(model: CausalGPT, graphs: DecodeGraphs, ids, pos, kv_len):
-    """The eager decode on the shapes a graph replays: what it must equal bit for bit."""
-    n = ids.size(0)
-    b, s = bucket_for(n, graphs.batch_sizes), bucket_for(kv_len, graphs.kv_lens)
-    pad = torch.zeros(b - n, dtype=torch.long, device=ids.device)
-    return model.decode(torch.cat([ids, pad]), torch.cat([pos, pad]), s)[:n].float()
+def _stage(engine: Engine, name: str, slots: int) -> DecodeStage:
+    """A stage of one of the engine's models with its own cache, its graphs captured."""
+    hf = engine.loaded.model
+    model = from_hf(hf.semantic if name == "semantic" else hf.coarse_acoustics)
+    assert isinstance(model, CausalGPT)
+    model.set_attn(engine.config.attn)
+    kind = SemanticStage if name == "semantic" else CoarseStage
+    stage = kind(model, engine.consts, slots, cuda_graphs=True)
+    stage.capture_graphs()
+    return stage
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-@pytest.mark.parametrize("name", ["semantic_model", "coarse_model"])
+@pytest.mark.parametrize("name", ["semantic", "coarse"])
+def test_graph_replay_equals_the_eager_step_bit_for_bit(engines, name, dtype):
+    stage = _stage(engines(dtype), name, 8)
+    assert stage.graphs is not None and stage.graphs.capture
+    assert len(stage.graphs.graphs) == 2 * len(stage.graphs.batch_sizes) * len(stage.graphs.kv_lens)
+    check = check_graphs(stage, steps=40)  # crosses the 128 and 256 kv buckets
+    assert check.tokens_equal and check.finite, check
+    assert check.max_abs_diff == 0.0, check
+
+
+@pytest.mark.parametrize("name", ["semantic", "coarse"])
 @torch.inference_mode()
-def test_graph_replay_equals_eager_decode(engines, name, dtype):
-    model = _own_model(engines(dtype), name, 8)
-    lens = [300, 257, 40, 700, 257, 128, 1, 900]  # every row at its own position
-    _prefill(model, lens)
-    graphs = DecodeGraphs(model)
-    dev = model.lm_head.weight.device
-    pos = torch.tensor(lens, device=dev)
+def test_padded_replay_close_to_the_unpadded_step(engines, name):
+    """Rows at their own positions, n and kv_len not buckets: the replay's logits against the
+    eager step on the exact shapes (rounding only) and the same greedy tokens in float32."""
+    stage = _stage(engines("float32"), name, 8)
+    graphs = stage.graphs
+    lens = [300, 257, 40, 700, 257, 128, 1, 900]
+    dev = stage.device
     g = torch.Generator().manual_seed(1)
-    # n: every batch bucket and sizes between; extra: kv_len beyond max(pos) + 1 (allowed)
-    for n, extra in [(1, 0), (3, 0), (2, 130), (5, 0), (8, 0), (4, 300), (7, 0), (8, 60)]:
-        for _ in range(3):
+    prompts = torch.randint(0, 10_000, (8, max(lens)), generator=g).to(dev)
+    last = torch.tensor(lens, device=dev) - 1
+    stage.model.prefill(stage.model.embed(prompts), torch.arange(8, device=dev), last)
+    stage.params.p.greedy.fill_(True)
+    for n in (1, 3, 5, 8):
+        for _ in range(3):  # the replay rewrites the K/V the eager step wrote: the same values
+            pos = lens[:n]
             ids = torch.randint(0, 10_000, (n,), generator=g).to(dev)
-            p = pos[:n].clone()
-            kv_len = min(int(p.max()) + 1 + extra, graphs.max_len)
-            eager = model.decode(ids, p, kv_len).float()
-            padded = _padded(model, graphs, ids, p, kv_len)
-            got = graphs(ids, p, kv_len).clone()
-            assert torch.equal(got, padded), (n, kv_len, (got - padded).abs().max().item())
-            tol = 1e-4 if dtype == "float32" else 2e-2
-            torch.testing.assert_close(got, eager, atol=tol, rtol=tol)
-            if dtype == "float32":
-                assert torch.equal(got.argmax(-1), eager.argmax(-1))
-            pos[:n] += 1
-    assert len(graphs.graphs) >= 8 or not graphs.capture
-
-
-@pytest.mark.parametrize("capture_all", [False, True])
-@torch.inference_mode()
-def test_greedy_tokens_same_with_and_without_graphs(engines, capture_all):
-    """A greedy decode loop over all slots, rows at different positions: same tokens."""
-    model = _own_model(engines("float32"), "coarse_model", 6)
-    graphs = DecodeGraphs(model)
-    if capture_all:
-        graphs.capture_all()  # before any prefill: it writes position 0 of every slot
-        if graphs.capture:
-            assert len(graphs.graphs) == len(graphs.batch_sizes) * len(graphs.kv_lens)
-    lens = [120, 250, 257, 3, 126, 400]
-    dev = model.lm_head.weight.device
-
-    def run(decode) -> torch.Tensor:
-        _prefill(model, lens, seed=2)  # the same cache state for both runs
-        pos = torch.tensor(lens, device=dev)
-        ids = torch.zeros(len(lens), dtype=torch.long, device=dev)
-        out = []
-        for _ in range(40):  # crosses the 128 and 256 kv buckets
-            ids = decode(ids, pos, int(pos.max()) + 1).argmax(-1)
-            out.append(ids)
-            pos = pos + 1
-        return torch.stack(out)
-
-    eager = run(model.decode)
-    graphed = run(graphs)
-    assert torch.equal(eager, graphed)
+            stage.meta[:, :n] = torch.tensor([pos, [1] * n, [0] * n], device=dev)
+            stage.ids[:n] = ids
+            stage.step_fn(n, max(pos) + 1, False)
+            eager_t, eager_l = stage.ids[:n].clone(), stage.logits[:n].clone()
+            key = graphs.key(n, max(pos) + 1, False)
+            stage.meta[:, : key[0]] = 0
+            stage.meta[:, :n] = torch.tensor([pos, [1] * n, [0] * n], device=dev)
+            stage.ids[: key[0]] = 0
+            stage.ids[:n] = ids
+            graphs.replay(key)
+            torch.testing.assert_close(stage.logits[:n], eager_l, atol=1e-4, rtol=1e-4)
+            assert torch.equal(stage.ids[:n], eager_t)
 
 
 @torch.inference_mode()
-def test_graphs_follow_cache_reallocation(engines):
-    model = _own_model(engines("float32"), "semantic_model", 4)
-    graphs = DecodeGraphs(model)
-    dev = model.lm_head.weight.device
-    ids = torch.tensor([7, 8], device=dev)
-    _prefill(model, [300, 10, 5, 5])
-    pos = torch.tensor([300, 10], device=dev)
-    graphs(ids, pos, 301)
-    model.setup_cache(2)  # new cache tensors: the old graphs would write the freed ones
-    _prefill(model, [300, 10])
-    got = graphs(ids, pos, 301).clone()
-    assert graphs.slots == 2
-    assert torch.equal(got, _padded(model, graphs, ids, pos, 301))
+def test_a_stale_graph_is_never_replayed(engines):
+    stage = _stage(engines("float32"), "semantic", 4)
+    assert stage.graphs.lookup(2, 300, False) is not None
+    stage.model.setup_cache(4)  # new cache tensors: the graphs would write the freed ones
+    before = stage.graphs.eager_steps
+    assert stage.graphs.lookup(2, 300, False) is None
+    assert stage.graphs.eager_steps == before + 1
 
 
+@pytest.mark.parametrize("name", ["semantic", "coarse"])
 @torch.inference_mode()
-def test_decode_never_syncs_with_the_host(engines):
-    """What a graph cannot hold: no .item(), no host copy, no data-dependent shape."""
-    model = _own_model(engines("float16"), "coarse_model", 4)
-    _prefill(model, [10, 20, 30, 40])
-    dev = model.lm_head.weight.device
-    ids = torch.tensor([1, 2, 3], device=dev)
-    pos = torch.tensor([10, 20, 30], device=dev)
+def test_the_whole_step_never_syncs_with_the_host(engines, name):
+    """What a graph cannot hold: no .item(), no host copy, no data-dependent shape, in the
+    forward pass or in sampling (both variants)."""
+    stage = _stage(engines("float16"), name, 4)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        model.decode(ids, pos, 128)
+        for variant in (False, True):
+            stage.step_fn(3, 128, variant)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_strict_load_passes_every_check(engines):
+    for dtype in ("float32", "float16"):
+        config = EngineConfig(strict_gpu=True)
+        engine = Engine.load("random:tiny", device="cuda", dtype=dtype, config=config)
+        mode = engine.decode_mode()
+        assert mode["cuda_graphs"] == "semantic,coarse" and mode["fallbacks"] == []
+        assert set(mode["checks"]["sdpa"]["kernels"]) == {"masked", "causal", "full"}
+        assert "CUDNN_ATTENTION" not in mode["checks"]["sdpa"]["kernels"].values()
+        assert all(c["ok"] for c in mode["checks"]["graphs"].values())
+
+
+def test_pipeline_on_cuda_equals_generate(engines):
+    """The pipeline's worker threads (semantic on its own stream) against Engine.generate."""
+    engine = engines("float32")
+    texts = ["The first sentence is here.", "Then a second one.", "And a third."]
+    want = [engine.generate(t, greedy=True, max_semantic_tokens=60)[0] for t in texts]
+    done: list = []
+    finished = threading.Event()
+
+    def on_final(req):
+        done.append(req)
+        if len(done) == len(texts):
+            finished.set()
+
+    pipe = Pipeline(engine.runtime, on_final, device=engine.device)
+    pipe.start()
+    try:
+        opts = GenerationOptions(greedy=True, max_semantic_tokens=60)
+        for t in texts:
+            pipe.submit(engine.request(t, None, opts))
+        assert finished.wait(120)
+    finally:
+        pipe.stop(timeout=30)
+    got = sorted(done, key=lambda r: r.id)
+    for req, w in zip(got, want, strict=True):
+        _assert_same_tokens(req.speech(engine.sample_rate), _tokens(w))
 
 
 # -- the engine on CUDA -----------------------------------------------------------------------
@@ -209,22 +226,14 @@ def test_cuda_float32_matches_cpu_engine(engines):
 
 def test_graphs_on_and_off_give_the_same_tokens(engines):
     on, off = engines("float32", True), engines("float32", False)
-    for name in ("semantic", "coarse"):
-        stage_on, stage_off = on.runtime.stages[name], off.runtime.stages[name]
-        decode_on = getattr(stage_on, "decode", None)
-        if not isinstance(decode_on, DecodeGraphs):
-            pytest.fail(
-                f"the {name} stage does not decode through make_decoder "
-                "(wire stream_engine.runtime.cuda.make_decoder into the stages)"
-            )
-        assert stage_off.decode == stage_off.model.decode
+    assert on.decode_mode()["cuda_graphs"] == "semantic,coarse"
+    assert off.decode_mode()["cuda_graphs"] == "off"
     with torch.inference_mode():
         a, b = run_mixed(on), run_mixed(off)
     for x, y in zip(a, b, strict=True):
         _assert_same_tokens(x, _tokens(y))
         assert np.abs(x.audio - y.audio).max() <= 1e-5
-    for name in ("semantic", "coarse"):
-        assert on.runtime.stages[name].decode.graphs, f"no {name} graph was replayed"
+    assert on.eager_steps() == {"semantic": 0, "coarse": 0}  # every step replayed a graph
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

@@ -99,7 +99,11 @@ def test_trial_runs_the_same_step_both_ways(tiny):
     lens = [120, 30, 200, 9]
     eager = stage.trial(lens, 10, graphs=False)
     again = stage.trial(lens, 10, graphs=True)
-    assert eager[0].shape == (10, 4) and eager[1].shape == (10, 4, stage.model.decode_vocab)
+    assert eager[0].shape == (10, 4) and eager[1].shape == (
+        10,
+        4,
+        stage.model.cfg.output_vocab_size,
+    )
     assert torch.equal(eager[0], again[0]) and torch.equal(eager[1], again[1])
     assert not bool(stage.params.p.greedy.any())  # restored
     assert int(stage.ids.abs().sum()) == 0 and int(stage.meta.abs().sum()) == 0
