@@ -44,9 +44,9 @@ def run(engine: Engine, texts: list[str]) -> dict[str, dict[str, float]]:
     for r in reqs:
         rt.submit(r)
     spent: dict[str, dict[str, float]] = defaultdict(lambda: {"decode": 0.0, "window": 0.0})
-    for k, name in enumerate(STAGES):
+    for name in STAGES:
         stage = rt.stages[name]
-        while any(r.completed <= k for r in reqs):
+        while not all(r.past(name) for r in reqs):
             rows = getattr(stage, "slots", None)
             prefill = (
                 name in ("fine", "codec")

@@ -35,7 +35,7 @@ import torch
 from ..bark.prompts import continue_voice
 from ..errors import Busy, Cancelled, InternalError
 from .request import Request, Status
-from .scheduler import STAGES, Plan, Scheduler, StageState, Ticket
+from .scheduler import STAGES, Plan, Scheduler, StageName, StageState, Ticket
 from .stages import Stage
 
 log = logging.getLogger(__name__)
@@ -139,8 +139,9 @@ class Runtime:
             return req.after is None or req.after.status.final
 
         for n in names:
-            k = STAGES.index(n)
-            inside = (r for r in self.requests.values() if r.status == k + 1 and r.completed == k)
+            inside = (
+                r for r in self.requests.values() if r.stage == n and r.status is Status.RUNNING
+            )
             if any(awaited(r) for r in inside):
                 return True
             if any(awaited(r) and self._ready(r, n) for r in self.queues[n]):
@@ -151,7 +152,7 @@ class Runtime:
         names = tuple(names)
         with self.changed:
             solo_inside = {
-                STAGES[r.status - 1] for r in self.requests.values() if r.solo and r.status > 0
+                r.stage for r in self.requests.values() if r.solo and r.status is Status.RUNNING
             }
             states = {
                 n: StageState(self.stages[n].free, self.stages[n].active, n in solo_inside)
@@ -205,16 +206,16 @@ class Runtime:
                     final += self._stage_failed(name, out)
                     continue
                 for req in out:
-                    if req.status is Status.COARSE and req.preview_of is not None:
-                        if req.id not in self.requests:  # made by the coarse stage just now
-                            self._enter_preview(req)
+                    if req.stage != name:  # a preview the stage made, for a later stage
+                        self._enter_preview(req)
                         continue
                     if self.requests.get(req.id) is not req:
                         continue  # cancelled while the stage ran
-                    req.completed = STAGES.index(name) + 1
                     req.solo = False
-                    if req.completed < len(STAGES):
-                        self.queues[STAGES[req.completed]].append(req)
+                    nxt = StageName(name).next
+                    if nxt is not None:
+                        req.stage, req.status = nxt, Status.WAITING
+                        self.queues[nxt].append(req)
                     else:
                         req.status = Status.FINISHED
                         req.after = None
@@ -248,7 +249,6 @@ class Runtime:
         oom = isinstance(exc, torch.OutOfMemoryError)
         if oom and torch.cuda.is_available():
             torch.cuda.empty_cache()
-        status = Status(STAGES.index(name) + 1)
         final: list[Request] = []
         with self.changed:
             for req in list(self.requests.values()):
@@ -260,7 +260,7 @@ class Runtime:
                 else:
                     req.retries += 1
                     req.solo = True
-                    req.restart(status)
+                    req.restart()
                     self.queues[name].append(req)
             self.changed.notify_all()
         return final
@@ -286,7 +286,7 @@ class Runtime:
         prev = req.after
         if prev is None:
             req.due = req.submitted_at
-        elif prev.completed > 0 or prev.status.final:
+        elif prev.past(StageName.SEMANTIC):
             audio_s = len(prev.semantic) / self.semantic_rate_hz
             req.due = max(req.submitted_at, self.due(prev) + audio_s)
         else:
@@ -297,7 +297,7 @@ class Runtime:
     def _ready(req: Request, stage: str) -> bool:
         """A request enters a stage after its predecessor has left it."""
         prev = req.after
-        return prev is None or prev.completed > STAGES.index(stage) or prev.status.final
+        return prev is None or prev.past(StageName(stage))
 
     @staticmethod
     def _continue(req: Request, stage: str) -> None:
@@ -318,7 +318,7 @@ class Runtime:
         if parent is None or self.requests.get(parent.id) is not parent:
             return  # the segment was cancelled or failed while the stage ran
         self.requests[preview.id] = preview
-        self.queues[STAGES[preview.completed]].append(preview)
+        self.queues[preview.stage].append(preview)
 
     def _drop(self, req: Request, status: Status, error: BaseException) -> list[Request]:
         """Make ``req``, every request continuing it and its previews final; return them."""
@@ -331,10 +331,9 @@ class Runtime:
                 dropped.append(other)
         for r in dropped:
             self.requests.pop(r.id, None)
-            for name in STAGES:
-                if r in self.queues[name]:
-                    self.queues[name].remove(r)
-                elif r.status == Status(STAGES.index(name) + 1):  # inside the stage
-                    self.removals[name].append(r)
+            if r in self.queues[r.stage]:
+                self.queues[r.stage].remove(r)
+            elif r.status is Status.RUNNING:
+                self.removals[r.stage].append(r)
             r.status, r.error, r.after = status, error, None
         return dropped

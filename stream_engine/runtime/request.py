@@ -10,23 +10,19 @@ import numpy as np
 
 from ..bark.prompts import VoicePrompt
 from ..config import GenerationOptions
+from .scheduler import StageName
 
-# stages a preview has passed when it is made (semantic and coarse, see Request.preview)
-STAGE_COUNT_BEFORE_FINE = 2
 MAX_PREVIEWS = 255  # per request: a preview's id is -(id * 256 + k), k in [1, 255]
 
 
 class Status(IntEnum):
-    """Where a request is. It only moves forward; the last three are final."""
+    """How a request stands in :attr:`Request.stage`; the last three are final."""
 
-    WAITING = 0  # submitted, no stage has taken it yet
-    SEMANTIC = 1  # text -> semantic tokens
-    COARSE = 2  # semantic -> 2 codebooks
-    FINE = 3  # 2 -> 8 codebooks
-    CODEC = 4  # 8 codebooks -> audio
-    FINISHED = 5
-    CANCELLED = 6
-    FAILED = 7
+    WAITING = 0  # in the stage's queue
+    RUNNING = 1  # inside the stage
+    FINISHED = 2  # out of the last stage, with its audio
+    CANCELLED = 3
+    FAILED = 4
 
     @property
     def final(self) -> bool:
@@ -68,7 +64,8 @@ class Request:
     preview_of: Request | None = None  # on a preview: the segment it previews
     previews: int = 0  # previews made of this request so far
     previewed_frames: int = 0  # coarse frames the last of them covers
-    completed: int = 0  # stages this request has left, in STAGES order
+    # the stage the request waits for or is in (the last one once final); it only moves forward
+    stage: StageName = StageName.SEMANTIC
     solo: bool = False  # retried alone in its current stage after its batch failed
     retries: int = 0
     status: Status = Status.WAITING
@@ -107,23 +104,26 @@ class Request:
             after=self.after,
             preset=self.preset,
             preview_of=self,
-            completed=STAGE_COUNT_BEFORE_FINE,
-            status=Status.COARSE,
+            stage=StageName.FINE,
             semantic=list(self.semantic),
             coarse=coarse,
         )
 
-    def restart(self, stage: Status) -> None:
-        """Forget what ``stage`` produced so far, to run the stage again from its start."""
-        if stage is Status.SEMANTIC:
+    def past(self, stage: StageName) -> bool:
+        """Whether the request has left ``stage`` (or become final before it got there)."""
+        return self.stage > stage or self.status.final
+
+    def restart(self) -> None:
+        """Forget what its stage produced so far, to wait for the stage and run it again."""
+        if self.stage is StageName.SEMANTIC:
             self.semantic.clear()
-        elif stage is Status.COARSE:
+        elif self.stage is StageName.COARSE:
             self.coarse = None
-        elif stage is Status.FINE:
+        elif self.stage is StageName.FINE:
             self.fine = None
-        elif stage is Status.CODEC:
+        else:
             self.audio = None
-        self.status = Status(stage - 1)
+        self.status = Status.WAITING
 
     def mark(self, stage: str) -> None:
         """Record that ``stage`` did work for this request now (first and last time)."""

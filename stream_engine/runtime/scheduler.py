@@ -34,8 +34,46 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from enum import StrEnum
 
-STAGES = ("semantic", "coarse", "fine", "codec")  # the order work flows through
+
+class StageName(StrEnum):
+    """The four stages, ordered as work flows through them (and compared in that order).
+
+    Members are their names as strings ("semantic", ...), so they key the runtime's tables,
+    metrics and traces as those strings do.
+    """
+
+    SEMANTIC = "semantic"
+    COARSE = "coarse"
+    FINE = "fine"
+    CODEC = "codec"
+
+    @property
+    def order(self) -> int:
+        return _ORDER[self]
+
+    @property
+    def next(self) -> StageName | None:
+        """The stage after this one; None after the last."""
+        i = self.order + 1
+        return STAGES[i] if i < len(STAGES) else None
+
+    def __lt__(self, other: object) -> bool:
+        return self.order < StageName(other).order if isinstance(other, str) else NotImplemented
+
+    def __le__(self, other: object) -> bool:
+        return self.order <= StageName(other).order if isinstance(other, str) else NotImplemented
+
+    def __gt__(self, other: object) -> bool:
+        return self.order > StageName(other).order if isinstance(other, str) else NotImplemented
+
+    def __ge__(self, other: object) -> bool:
+        return self.order >= StageName(other).order if isinstance(other, str) else NotImplemented
+
+
+STAGES: tuple[StageName, ...] = tuple(StageName)  # the order work flows through
+_ORDER = {name: i for i, name in enumerate(STAGES)}
 
 
 @dataclass(frozen=True)

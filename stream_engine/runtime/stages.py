@@ -443,7 +443,7 @@ class SemanticStage(DecodeStage):
         assert i is not None
         o = req.options
         self.params.set(i, o.text_temp, req, o.min_eos_p)
-        req.status = Status.SEMANTIC
+        req.status = Status.RUNNING
 
     def mask(self, logits: Tensor, aux: Tensor, rows: Tensor | slice) -> Tensor:
         scores = logits.masked_fill(self.suppress, float("-inf"))
@@ -514,7 +514,7 @@ class CoarseStage(DecodeStage):
         row = self.slots.rows[i]
         assert row is not None
         self.params.set(i, req.options.coarse_temp, req)
-        req.status = Status.COARSE
+        req.status = Status.RUNNING
         if row.total == 0:
             row.done = True
 
@@ -621,7 +621,7 @@ class FineStage(Stage):
         self.params.set(i, 1.0 if req.options.greedy else req.options.fine_temp, req)
         # progress: [window index, codebook]
         self.state[i] = (to_device(buf, self.device), plan, [0, c.n_coarse_codebooks])
-        req.status = Status.FINE
+        req.status = Status.RUNNING
 
     def step(self) -> list[Request]:
         items = self.slots.items()
@@ -706,7 +706,7 @@ class CodecStage(Stage):
 
     def admit(self, req: Request) -> None:
         self.slots.take(_Row(req))
-        req.status = Status.CODEC
+        req.status = Status.RUNNING
 
     def decode(self, fine: np.ndarray) -> np.ndarray:
         codes = torch.as_tensor(fine, device=self.device)[:, None]  # (8, 1, T)

@@ -9,7 +9,7 @@ import torch
 from stream_engine.config import GenerationOptions
 from stream_engine.runtime.loop import Runtime
 from stream_engine.runtime.request import Request, Status
-from stream_engine.runtime.scheduler import STAGES
+from stream_engine.runtime.scheduler import STAGES, StageName
 from stream_engine.runtime.stages import CodecStage, Stage, _Row
 
 RATE = 50.0  # semantic tokens per audio second, in these tests
@@ -24,7 +24,7 @@ class OneStep(Stage):
 
     def admit(self, req):
         self.slots.take(_Row(req))
-        req.status = Status(STAGES.index(self.name) + 1)
+        req.status = Status.RUNNING
         self.entered.append((self.name, req.id))
 
     def step(self):
@@ -59,7 +59,7 @@ def test_due_times():
     assert rt.due(a0) == 100.0  # a stream's first segment: when it arrived
     # the previous segment's length is not known yet: its arrival stands in, nothing is kept
     assert rt.due(a1) == 101.0 and a1.due is None
-    a0.semantic, a0.completed = [0] * 500, 1  # 10 s of audio, out of the semantic stage
+    a0.semantic, a0.stage = [0] * 500, StageName.COARSE  # 10 s of audio, out of semantic
     assert rt.due(a1) == pytest.approx(110.0)  # when a0's audio ends, had it started on time
     assert a1.due == pytest.approx(110.0)
     a0.semantic = [0] * 5000  # kept: it does not change once computed

@@ -12,7 +12,7 @@ from stream_engine.config import GenerationOptions
 from stream_engine.runtime.loop import Runtime
 from stream_engine.runtime.pipeline import Pipeline
 from stream_engine.runtime.request import Request, Status
-from stream_engine.runtime.scheduler import STAGES, SharedCores
+from stream_engine.runtime.scheduler import SharedCores, StageName
 from stream_engine.runtime.stages import Stage, _Row
 
 VOICE = "v2/en_speaker_3"
@@ -145,7 +145,7 @@ class Sleepy(Stage):
 
     def admit(self, req):
         self.slots.take(_Row(req))
-        req.status = Status(STAGES.index(self.name) + 1)
+        req.status = Status.RUNNING
 
     def step(self):
         start = time.perf_counter()
@@ -225,7 +225,7 @@ def test_urgent_means_a_listener_waits_for_it(tiny):
     with rt.changed:
         assert rt.urgent(["semantic"])  # the first segment is waiting for it
         assert not rt.urgent(["coarse", "fine", "codec"])
-    while first.completed < 1:
+    while not first.past(StageName.SEMANTIC):
         rt.step(["semantic"])
     with rt.changed:
         # first waits for coarse (urgent); second may now enter semantic, but nobody waits yet

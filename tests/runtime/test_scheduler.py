@@ -2,7 +2,14 @@
 
 import pytest
 
-from stream_engine.runtime.scheduler import Scheduler, SharedCores, StageState, Ticket
+from stream_engine.runtime.scheduler import (
+    STAGES,
+    Scheduler,
+    SharedCores,
+    StageName,
+    StageState,
+    Ticket,
+)
 
 
 def states(**free_active):
@@ -133,3 +140,12 @@ def test_idle_time_earns_no_credit():
 def test_shared_cores_rejects_a_share_outside_0_1(share):
     with pytest.raises(ValueError, match="share"):
         SharedCores(share=share)
+
+
+def test_stage_names_are_ordered_as_work_flows():
+    assert STAGES == (StageName.SEMANTIC, StageName.COARSE, StageName.FINE, StageName.CODEC)
+    assert StageName.SEMANTIC < StageName.COARSE < "fine" < StageName.CODEC
+    assert StageName.CODEC > StageName.FINE >= "fine" and not StageName.FINE < "coarse"
+    assert sorted(reversed(STAGES)) == list(STAGES)  # not the alphabet's order
+    assert [s.next for s in STAGES] == [*STAGES[1:], None]
+    assert {StageName.FINE: 1}["fine"] == 1 and f"{StageName.CODEC}" == "codec"
