@@ -7,7 +7,9 @@ against 340 MB of weights. So the gain from batching decode steps shrinks as the
 This times the engine's own decode step (``CausalGPT.decode``, with the decode kernel the
 engine chose) at ``--rows`` rows and ``--kv`` cached positions, in interleaved rounds, and
 prints ms per step, the ratio to one row at the same length, the bytes a step must read
-(weights + caches) and the GB/s that implies.
+(weights + caches) and the GB/s that implies. On a GPU (``--device cuda``) the steps are
+eager and timed to the end of the device's work; ``gpu_check.py`` times them beside CUDA
+graph replays of the same step.
 
     python benchmarks/decode_steps.py --model random:small --stage coarse
 """
@@ -18,23 +20,25 @@ import argparse
 import json
 import statistics
 import sys
-import time
 
 import torch
-from common import add_engine_args, load_engine, machine_info, machine_line
+from common import add_engine_args, clock, load_engine, machine_info, machine_line
 
 from stream_engine.bark.model import CausalGPT
 
 
 def step_seconds(model: CausalGPT, rows: int, kv: int, steps: int) -> float:
-    ids = torch.zeros(rows, dtype=torch.long)
-    pos = torch.full((rows,), kv - 1)
+    """Seconds per eager decode step at ``rows`` rows and ``kv`` cached positions (on a GPU,
+    the device's work waited for, so the steps are timed, not their launches)."""
+    dev = model.lm_head.weight.device
+    ids = torch.zeros(rows, dtype=torch.long, device=dev)
+    pos = torch.full((rows,), kv - 1, device=dev)
     with torch.inference_mode():
         model.decode(ids, pos, kv)  # warm
-        t = time.perf_counter()
+        t = clock(dev)
         for _ in range(steps):
             model.decode(ids, pos, kv)
-        return (time.perf_counter() - t) / steps
+        return (clock(dev) - t) / steps
 
 
 def weight_bytes(model: CausalGPT) -> int:
@@ -63,8 +67,6 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     engine = load_engine(args)
-    if engine.device.type != "cpu":
-        raise SystemExit("decode_steps.py times CPU steps (no device synchronisation)")
     # the engine's models as its stages set them up (the coarse head restricted to its ids)
     model = engine.semantic_model if args.stage == "semantic" else engine.coarse_model
     if max(args.kv) > model.cfg.block_size or min(args.kv) < 1 or min(args.rows) < 1:

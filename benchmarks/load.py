@@ -80,11 +80,10 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import numpy as np
-import openai
 from common import SENTENCES, add_engine_args, load_engine, machine_info, machine_line
 from naive_server import NaiveServer
 
@@ -101,6 +100,9 @@ from stream_engine.protocol import (
 )
 from stream_engine.runtime.trace import StepTrace
 from stream_engine.server.app import Server
+
+if TYPE_CHECKING:  # imported where the HTTP side runs: gpu_check.py uses the rest without it
+    import openai
 
 # Short sentences (about one second of speech each) for smoke runs (--short).
 SHORT_SENTENCES = (
@@ -246,6 +248,8 @@ async def run_http_client(
     api: openai.AsyncOpenAI, number: int, text: str, voice: str | None, go: asyncio.Event
 ) -> StreamResult:
     """One ``POST /v1/audio/speech`` with the whole paragraph, its PCM body read as it streams."""
+    import openai
+
     await go.wait()
     res = StreamResult(number, text, time.perf_counter())
     received = 0
@@ -282,6 +286,8 @@ async def run_http_round(
     base_url: str, texts: list[str], voice: str | None
 ) -> tuple[list[StreamResult], float]:
     """``run_round`` over HTTP: one SDK client per simulated client, all requests at once."""
+    import openai
+
     apis = [
         openai.AsyncOpenAI(
             base_url=base_url,

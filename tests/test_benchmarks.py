@@ -135,3 +135,82 @@ def test_decode_steps(tmp_path):
     # the bytes a step reads: the same weights, plus a cache that grows with rows and length
     assert by_cell[40, 3]["mb_read"] > by_cell[40, 1]["mb_read"] > by_cell[8, 1]["mb_read"]
     assert by_cell[8, 1]["mb_read"] > rec["weights_mb"]
+
+
+GPU_CHECK_PARTS = [
+    "correctness", "decode-small", "e2e-small", "server-small", "e2e-large", "decode-large",
+]  # fmt: skip
+GPU_CHECK_JUDGED = {
+    "graphs_vs_eager", "reference", "pipeline_vs_generate", "float16_generates", "float16_logits",
+}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_gpu_check_dry_run(tmp_path):
+    """The GPU check's every part on the CPU (random:tiny): the correctness checks pass, what
+    needs CUDA says so, the measurements are there, the goals are computed and not judged."""
+    out = tmp_path / "gpu-check.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=360,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    rec = json.loads(out.read_text())
+    assert rec["mode"] == "dry-run" and rec["environment"]["missing_wheels"] == []
+    assert rec["environment"]["server_missing_wheels"] == []
+    parts = rec["parts"]
+    assert {name: p["status"] for name, p in parts.items()} == dict.fromkeys(GPU_CHECK_PARTS, "ok")
+    assert all(p["seconds"] <= p["budget_s"] for p in parts.values())
+    for engine in rec["engines"].values():  # the whole decode mode, whatever keys it has
+        assert {"attn", "cuda_graphs", "dtype", "fallbacks"} <= set(engine["decode_mode"])
+
+    checks = {c["name"]: c for c in parts["correctness"]["result"]["checks"]}
+    assert set(checks) == GPU_CHECK_JUDGED | {"float16_graphs_vs_eager_info"}
+    for name in GPU_CHECK_JUDGED:
+        assert checks[name]["passed"] is True, checks[name]
+    assert checks["float16_graphs_vs_eager_info"]["judged"] is False
+    mixed = checks["graphs_vs_eager"]["cases"]
+    assert len(mixed) == 4 and "no CUDA" in checks["graphs_vs_eager"]["note"]
+    for case in mixed + checks["reference"]["cases"] + checks["pipeline_vs_generate"]["cases"]:
+        assert case["tokens_equal"] == {"semantic": True, "coarse": True, "fine": True}, case
+        assert case["audio_max_diff"] <= case["audio_tol"]
+    assert len(checks["reference"]["cases"]) == 2
+    assert len(checks["pipeline_vs_generate"]["cases"]) == 6  # 3 texts, greedy and sampled
+    for stage in ("semantic", "coarse"):
+        logits = checks["float16_logits"][stage]
+        assert logits["cosine_min"] >= 0.999 and logits["argmax_agreement"] >= 0.9
+
+    for size in ("small", "large"):
+        decode = parts[f"decode-{size}"]["result"]
+        labels = {"graphs", "eager"} if size == "small" else {"graphs"}
+        assert set(decode["engine_steps"]) == labels
+        for by_batch in decode["engine_steps"].values():
+            assert set(by_batch) == {"1", "4"}
+            for row in by_batch.values():
+                assert row["semantic"]["steps"] > 0 and row["semantic"]["ms_mean"] > 0
+                assert row["coarse"]["steps"] > 0 and row["coarse"]["ms_mean"] > 0
+        for stage in ("semantic", "coarse"):
+            steps = decode["model_steps"][stage]
+            assert steps["graph_replay_ms"] == "skipped: no CUDA"
+            assert positive(*steps["eager_ms"].values(), *steps["eager_gb_per_s"].values())
+            table = steps["buckets"]["table"]
+            assert [(r["batch"], r["bucket"]) for r in table] == [(1, 1), (2, 2), (3, 4), (4, 4)]
+            assert table[2]["ms_bucket"] == table[3]["ms_exact"]
+        e2e = parts[f"e2e-{size}"]["result"]["results"]
+        assert [r["batch"] for r in e2e] == [1] and e2e[0]["work_matches"]
+        assert positive(e2e[0]["ours"]["rtf"], e2e[0]["reference"]["rtf"])
+
+    rounds = parts["server-small"]["result"]["rounds"]
+    assert {n: set(sides) for n, sides in rounds.items()} == {"1": {"ours", "early"}, "2": {"ours"}}
+    for n, sides in rounds.items():
+        for s in sides.values():
+            assert s["done"] == s["streams"] == int(n) and s["protocol_errors"] == 0
+            assert positive(s["ttfa_p50_s"], s["ttfa_p95_s"])
+            assert 0 <= s["faster_than_real_time"] <= int(n)
+
+    assert len(rec["goals"]) == 5
+    for goal in rec["goals"]:  # computed from this run, not judged on a CPU
+        assert goal["status"] == "not measured" and "dry-run" in goal["why"], goal
+        assert goal["value"] is not None
+    assert "goals (issue 14):" in proc.stdout
