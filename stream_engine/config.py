@@ -28,6 +28,7 @@ from .errors import InvalidOption
 __all__ = [
     "CPU_DECODE_KERNELS",
     "DEFAULT_ABBREVIATIONS",
+    "GRAPH_BATCHES",
     "SECTIONS",
     "EngineConfig",
     "GenerationOptions",
@@ -285,6 +286,7 @@ class GenerationOptions:
 # -- per engine -------------------------------------------------------------------------------
 
 CPU_DECODE_KERNELS = ("auto", "avx2", "onednn", "mkl")  # see stream_engine.bark.cpu_kernels
+GRAPH_BATCHES = ("powers", "slots")  # batch sizes with decode graphs: see runtime/cuda.py
 
 
 @dataclass(frozen=True)
@@ -304,6 +306,12 @@ class EngineConfig:
     )
     cuda_graphs: bool = setting(
         True, "on CUDA: capture each decode step (forward pass and sampling) per shape bucket"
+    )
+    cuda_graph_batches: str = setting(
+        "powers",
+        "batch sizes that get decode graphs: powers (1, 2, 4, ..., slots: a step pads to the "
+        "next one) or slots (one: every step runs all slots)",
+        choices=GRAPH_BATCHES,
     )
     gpu_self_check: bool = setting(
         True,

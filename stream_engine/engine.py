@@ -131,9 +131,14 @@ class Engine:
             config.semantic_slots,
             sync_every=8 if on_gpu else 1,
             cuda_graphs=graphs,
+            graph_batches=config.cuda_graph_batches,
         )
         self.coarse_stage = CoarseStage(
-            coarse, self.consts, config.coarse_slots, cuda_graphs=graphs
+            coarse,
+            self.consts,
+            config.coarse_slots,
+            cuda_graphs=graphs,
+            graph_batches=config.cuda_graph_batches,
         )
         self.runtime = Runtime(
             {

@@ -149,6 +149,16 @@ def test_a_kernel_probe_that_fails_leaves_the_choice_to_torch(as_if_gpu, monkeyp
         _load(strict_gpu=True)
 
 
+def test_one_batch_bucket_pads_every_step_to_all_slots(as_if_gpu, tiny):
+    engine = _load(cuda_graph_batches="slots", semantic_slots=4, coarse_slots=4)
+    for stage in (engine.semantic_stage, engine.coarse_stage):
+        assert stage.graphs is not None and stage.graphs.batch_sizes == (4,)
+        assert {b for b, _, _ in stage.graphs.graphs} == {4}
+    assert engine.decode_mode()["fallbacks"] == []
+    _same_speech(engine, tiny)
+    assert engine.eager_steps() == {"semantic": 0, "coarse": 0}
+
+
 def test_without_the_self_check_graphs_are_captured_unchecked(as_if_gpu):
     engine = _load(gpu_self_check=False)
     mode = engine.decode_mode()

@@ -11,7 +11,10 @@ then one replay plus, every few steps, the token readback.
 Shapes. A graph has fixed shapes, so steps are padded up to buckets:
 
 * batch: ``n`` (the highest busy slot + 1) rounds up to a power of two, or to ``slots``
-  (``slots=6`` gives buckets 1, 2, 4, 6). The stage gives rows ``[n, b)`` token 0 at position
+  (``slots=6`` gives buckets 1, 2, 4, 6); or, with ``EngineConfig.cuda_graph_batches =
+  "slots"``, always to ``slots`` (one batch bucket: a decode step reads every weight once
+  whatever its batch, so on a GPU the smaller buckets may not pay for their capture; the GPU
+  check measures both). The stage gives rows ``[n, b)`` token 0 at position
   0, as its own rows for empty slots; they write K/V at position 0 of their slot, which the
   stage allows for every slot that is not decoding (it is empty, or it is prefilled, rewriting
   position 0, before anything reads it).
@@ -52,6 +55,7 @@ import torch
 from torch import Tensor
 
 from ..bark.model import Block, CausalGPT, CausalSelfAttention, KVCache
+from ..config import GRAPH_BATCHES
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +68,16 @@ DEFAULT_KV_STEP = 128
 VARIANTS = (False, True)
 
 
-def batch_buckets(slots: int) -> tuple[int, ...]:
-    """Powers of two below ``slots``, then ``slots``: 8 -> (1, 2, 4, 8), 6 -> (1, 2, 4, 6)."""
+def batch_buckets(slots: int, batches: str = "powers") -> tuple[int, ...]:
+    """Batch sizes that get graphs. ``"powers"``: powers of two below ``slots``, then ``slots``
+    (8 -> (1, 2, 4, 8), 6 -> (1, 2, 4, 6)); ``"slots"``: ``slots`` alone (every step runs all
+    slots: fewer graphs, for a GPU where a step costs the same at any batch)."""
     if slots < 1:
         raise ValueError(f"slots must be >= 1, got {slots}")
+    if batches not in GRAPH_BATCHES:
+        raise ValueError(f"batches must be one of {GRAPH_BATCHES}, got {batches!r}")
+    if batches == "slots":
+        return (slots,)
     out = []
     b = 1
     while b < slots:
@@ -123,6 +133,7 @@ class StepGraphs:
         model: CausalGPT,
         step_fn: StepFn,
         *,
+        batches: str = "powers",
         kv_step: int = DEFAULT_KV_STEP,
         capture: bool | None = None,
         warmup: int = 2,
@@ -143,7 +154,7 @@ class StepGraphs:
         self._head_start = model.head_start
         self.slots = model.slots
         self.max_len = self._cache.k.size(2)
-        self.batch_sizes = batch_buckets(self.slots)
+        self.batch_sizes = batch_buckets(self.slots, batches)
         self.kv_lens = kv_buckets(self.max_len, kv_step)
         self.graphs: dict[Key, torch.cuda.CUDAGraph | None] = {}  # None: capture=False
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None

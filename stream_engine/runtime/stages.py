@@ -175,6 +175,7 @@ class DecodeStage(Stage):
         slots: int,
         sync_every: int = 1,
         cuda_graphs: bool = False,
+        graph_batches: str = "powers",
     ) -> None:
         super().__init__(slots)
         self.model, self.c, self.sync_every = model, consts, sync_every
@@ -189,7 +190,9 @@ class DecodeStage(Stage):
         self._pending: list[tuple[Tensor, list[_Row | None]]] = []
         self._since_sync = 0
         # CUDA graphs of step_fn, captured by capture_graphs (Engine.load); None: always eager
-        self.graphs: StepGraphs | None = StepGraphs(model, self.step_fn) if cuda_graphs else None
+        self.graphs: StepGraphs | None = None
+        if cuda_graphs:
+            self.graphs = StepGraphs(model, self.step_fn, batches=graph_batches)
 
     # -- hooks ----------------------------------------------------------------------------
 
@@ -424,8 +427,9 @@ class SemanticStage(DecodeStage):
         slots: int,
         sync_every: int = 1,
         cuda_graphs: bool = False,
+        graph_batches: str = "powers",
     ) -> None:
-        super().__init__(model, consts, slots, sync_every, cuda_graphs)
+        super().__init__(model, consts, slots, sync_every, cuda_graphs, graph_batches)
         V = model.cfg.output_vocab_size
         # Bark suppresses every id above EOS: (semantic_vocab, pad) and (pad, V)
         keep = torch.zeros(V, dtype=torch.bool, device=self.device)
@@ -489,10 +493,11 @@ class CoarseStage(DecodeStage):
         slots: int,
         sync_every: int = 1,
         cuda_graphs: bool = False,
+        graph_batches: str = "powers",
     ) -> None:
         # no coarse id is below the first codebook's: decode steps skip those logits
         model.restrict_head(consts.semantic_vocab_size)
-        super().__init__(model, consts, slots, sync_every, cuda_graphs)
+        super().__init__(model, consts, slots, sync_every, cuda_graphs, graph_batches)
         self.vocab = torch.arange(model.cfg.output_vocab_size, device=self.device)
 
     def row(self, req: Request) -> _Row:

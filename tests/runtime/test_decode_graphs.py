@@ -23,6 +23,9 @@ def test_buckets():
     assert batch_buckets(1) == (1,)
     assert batch_buckets(8) == (1, 2, 4, 8)
     assert batch_buckets(6) == (1, 2, 4, 6)
+    assert batch_buckets(6, "slots") == (6,) and batch_buckets(1, "slots") == (1,)
+    with pytest.raises(ValueError, match="batches"):
+        batch_buckets(8, "some")
     assert kv_buckets(1024) == (128, 256, 384, 512, 640, 768, 896, 1024)
     assert kv_buckets(300, 128) == (128, 256, 300)
     assert bucket_for(3, (1, 2, 4, 8)) == 4
