@@ -283,9 +283,12 @@ class DecodeStage(Stage):
     def _prefill(self, rows: list[tuple[int, _Row]]) -> None:
         x, last = self.prompts(rows)  # (B, T, C), (B,)
         # slot, counter and aux of each row, in one copy
-        meta = to_device([[i for i, _ in rows], [r.generated for _, r in rows]], self.device)
-        aux = to_device([self.aux(r) for _, r in rows], self.device)
-        slots, counter = meta[0], meta[1]
+        meta = [
+            [i for i, _ in rows],
+            [r.generated for _, r in rows],
+            [self.aux(r) for _, r in rows],
+        ]
+        slots, counter, aux = to_device(meta, self.device)
         logits = self.model.prefill(x, slots, last).float()  # (B, V)
         p = self.params.rows(slots)
         filtered = self._filtered([r for _, r in rows])
