@@ -25,13 +25,15 @@ decode-small   ~30 (70)     ~20 (45)     random:small float16: a whole decode st
                                          question: a replay at each exact batch vs at its bucket
 e2e-small      ~40 (70)     ~20 (40)     end_to_end.py's runs: RTF ours vs BarkModel.generate,
                                          same weights, batch 1 and 8 (quick: 1), 100 semantic
-                                         tokens (2 s of audio) per stream
+                                         tokens (2 s of audio) per stream, a warm-up, then the
+                                         median of 2 timed runs (quick: 1)
 server-small   ~40 (75)     ~30 (50)     a Server in this process, load.py's clients (two
                                          sentences each, word by word): TTFA p50/p95 and streams
                                          faster than real time at 1, 8 and 32 clients (quick: 1
                                          and 32), and with early audio at 1 (full only)
-e2e-large      ~60 (80)     -            random:large float16: RTF ours vs BarkModel.generate,
-                                         batch 1
+e2e-large      ~60 (80)     -            random:large float16 (its load is most of the time):
+                                         RTF ours vs BarkModel.generate, batch 1, a warm-up, then
+                                         one timed run
 decode-large   ~25 (55)     -            random:large float16: decode steps as for decode-small,
                                          graphs only
 =============  ===========  ===========  ==========================================================
@@ -40,7 +42,8 @@ The whole run stops starting parts at 8 minutes (``--quick``: 4); the expected t
 estimates for an H100/H200 until a run records its own (``seconds`` of each part in the JSON).
 
 ``--dry-run`` runs the same code on the CPU with ``random:tiny`` in float32 (the float16 check
-in float16 on the CPU), with small sizes, in about a minute on 2 cores (3 minutes at most):
+in float16 on the CPU), with small sizes and one torch thread, in 20-40 s on 2 cores (3 minutes
+at most; the first engine loaded on a new machine also builds the CPU decode kernels, 30-50 s):
 what needs CUDA (graph replays) is recorded as ``skipped: no CUDA``, and the graphs-vs-eager
 check compares two eager engines through the same code. ``tests/test_benchmarks.py`` runs it,
 so the program cannot rot between GPU sessions.
@@ -62,8 +65,12 @@ Output: one JSON file (``--out``; default ``$OUT/gpu-check-<gpu>.json`` when ``$
 else ``benchmarks/results/gpu-check-<gpu>.json``), rewritten after every part, so a run that
 is cut off still leaves what it measured; a summary on stdout.
 
-Exit status: 0 when every part ran and every correctness check passed; 1 when a correctness
-check failed or a part raised or ran out of time; 2 when the environment check failed (nothing
+Engines load with ``strict_gpu`` (a load-time GPU check that fails raises instead of falling
+back); a strict load that fails is recorded and the engine is loaded again without it, so that
+the later parts measure what the fallback does.
+
+Exit status: 0 when every part ran and every correctness check and strict load passed; 1 when
+one did not, or a part raised or ran out of time; 2 when the environment check failed (nothing
 else ran). Goals do not change it.
 
     python3 benchmarks/gpu_check.py [--quick | --dry-run] [--parts NAME ...] [--out FILE]
@@ -159,6 +166,7 @@ class Plan:
     e2e_large_batches: tuple[int, ...]
     e2e_tokens: int
     e2e_repeats: int
+    e2e_large_repeats: int
     e2e_warmup: int
     clients: tuple[int, ...]
     sentences: int
@@ -202,6 +210,7 @@ FULL = Plan(
     e2e_large_batches=(1,),
     e2e_tokens=100,
     e2e_repeats=2,
+    e2e_large_repeats=1,
     e2e_warmup=1,
     clients=(1, 8, 32),
     sentences=2,
@@ -230,7 +239,8 @@ DRY_RUN = Plan(
     large="random:tiny",
     dtype="float32",
     parts=PARTS,
-    budgets=dict.fromkeys(PARTS, 60),
+    # correctness loads the first engine: on a new machine that builds the CPU decode kernels
+    budgets=dict.fromkeys(PARTS, 60) | {"correctness": 120},
     total_s=180,
     reference_cases=(
         ("Hello there, how are you today?", None, 30),
@@ -248,6 +258,7 @@ DRY_RUN = Plan(
     e2e_large_batches=(1,),
     e2e_tokens=12,
     e2e_repeats=1,
+    e2e_large_repeats=1,
     e2e_warmup=0,
     clients=(1, 2),
     sentences=1,
@@ -317,32 +328,42 @@ class Check:
         tmp.replace(self.out)
 
     def engine(self, model: str, dtype: str, graphs: bool, slots: int | None = None) -> Engine:
-        """The engine of these settings, loaded once (``strict_gpu``: no silent fallback)."""
+        """The engine of these settings, loaded once, with ``strict_gpu`` (a load-time check
+        that fails raises instead of falling back). A strict load that fails is recorded (the
+        run then exits with status 1) and the engine is loaded again without ``strict_gpu``,
+        so that the parts after it still measure what the fallback does."""
         key = (model, dtype, graphs, slots)
         if key not in self.engines:
+            import dataclasses
+
             import torch
 
             from stream_engine import Engine, EngineConfig
 
             sizes = {"semantic_slots": slots, "coarse_slots": slots} if slots else {}
             config = EngineConfig(cuda_graphs=graphs, strict_gpu=True, **sizes)
-            torch.manual_seed(0)
-            t = time.perf_counter()
-            engine = Engine.load(model, device=self.plan.device, dtype=dtype, config=config)
-            load_s = time.perf_counter() - t
             name = (
                 f"{model} {dtype} {'graphs' if graphs else 'eager'}, {config.semantic_slots} slots"
             )
-            self.record["engines"][name] = {
+            entry: dict[str, Any] = {
                 "model": model,
                 "dtype": dtype,
                 "cuda_graphs": graphs,
                 "semantic_slots": config.semantic_slots,
                 "coarse_slots": config.coarse_slots,
-                "load_s": load_s,
-                "decode_mode": engine.decode_mode(),
             }
-            self.say(f"loaded {name} in {load_s:.1f} s: {engine.decode_mode()}")
+            self.record["engines"][name] = entry
+            torch.manual_seed(0)
+            t = time.perf_counter()
+            try:
+                engine = Engine.load(model, device=self.plan.device, dtype=dtype, config=config)
+            except Exception as e:
+                entry["strict_load_error"] = f"{type(e).__name__}: {e}"
+                self.say(f"FAIL strict load of {name}: {entry['strict_load_error']}")
+                config = dataclasses.replace(config, strict_gpu=False)
+                engine = Engine.load(model, device=self.plan.device, dtype=dtype, config=config)
+            entry |= {"load_s": time.perf_counter() - t, "decode_mode": engine.decode_mode()}
+            self.say(f"loaded {name} in {entry['load_s']:.1f} s: {engine.decode_mode()}")
             self.engines[key] = engine
         return self.engines[key]
 
@@ -894,14 +915,15 @@ def part_e2e(check: Check, out: dict[str, Any], large: bool) -> None:
         "model": model,
         "dtype": p.dtype,
         "semantic_tokens": p.e2e_tokens,
-        "repeats": p.e2e_repeats,
+        "repeats": p.e2e_large_repeats if large else p.e2e_repeats,
         "warmup": p.e2e_warmup,
         "voice": VOICE,
         "results": [],
     }
+    repeats = p.e2e_large_repeats if large else p.e2e_repeats
     for b in p.e2e_large_batches if large else p.e2e_batches:
         res = end_to_end.bench_batch(
-            engine, b, VOICE, p.e2e_tokens, p.e2e_repeats, p.e2e_warmup, reference
+            engine, b, VOICE, p.e2e_tokens, repeats, p.e2e_warmup, reference
         )
         out["results"].append(res)
         out["reference_batches"] = {"batched": reference.batched, "check": reference.why}
@@ -1092,8 +1114,9 @@ def goals(check: Check) -> list[dict[str, Any]]:
 def run_part(check: Check, name: str, fn: Callable[[Check, dict[str, Any]], None]) -> None:
     p = check.plan
     left = p.total_s - (time.perf_counter() - check.started)
-    budget = min(p.budgets[name], left)
-    entry: dict[str, Any] = {"budget_s": p.budgets[name], "status": "running", "result": {}}
+    own = p.budgets.get(name, FULL.budgets[name])  # a part --parts added to --quick: full's
+    budget = min(own, left)
+    entry: dict[str, Any] = {"budget_s": own, "status": "running", "result": {}}
     check.record["parts"][name] = entry
     if budget < 5:
         entry["status"] = "skipped"
@@ -1126,6 +1149,14 @@ def run_part(check: Check, name: str, fn: Callable[[Check, dict[str, Any]], None
     check.save()
 
 
+def strict_load_errors(record: dict[str, Any]) -> list[str]:
+    return [
+        f"{name}: {e['strict_load_error']}"
+        for name, e in record["engines"].items()
+        if "strict_load_error" in e
+    ]
+
+
 def summary(check: Check) -> None:
     rec = check.record
     env = rec["environment"]
@@ -1137,6 +1168,8 @@ def summary(check: Check) -> None:
     for name, part in rec["parts"].items():
         note = part.get("error") or part.get("why") or "; ".join(part["result"].get("problems", []))
         print(f"  {name:<13} {part['status']:<8} {part.get('seconds', 0):6.1f} s  {note}")
+    for error in strict_load_errors(rec):
+        print(f"  FAIL strict load (then loaded without strict_gpu): {error}")
     for c in dig(rec, "parts", "correctness", "result", "checks") or []:
         verdict = {True: "PASS", False: "FAIL"}.get(c.get("passed"), "info")
         extra = c.get("error") or c.get("note") or ""
@@ -1260,7 +1293,8 @@ def main() -> int:
     check.save()
     summary(check)
     parts = check.record["parts"].values()
-    return 1 if any(p["status"] in ("failed", "error", "timeout") for p in parts) else 0
+    failed = any(p["status"] in ("failed", "error", "timeout") for p in parts)
+    return 1 if failed or strict_load_errors(check.record) else 0
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ if [ "$total" -gt $((LIMIT_MIB * 1024 * 1024)) ]; then
     exit 1
 fi
 
-setup='set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1'
+setup='set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 || exit'
 cat <<EOF
 
 Carry them with the device tool (one H100/H200; 15 minutes of device time, a start costs 1-2):
