@@ -69,9 +69,9 @@ Engines load with ``strict_gpu`` (a load-time GPU check that fails raises instea
 back); a strict load that fails is recorded and the engine is loaded again without it, so that
 the later parts measure what the fallback does.
 
-Exit status: 0 when every part ran and every correctness check and strict load passed; 1 when
-one did not, or a part raised or ran out of time; 2 when the environment check failed (nothing
-else ran). Goals do not change it.
+Exit status: 1 when a correctness check or a strict load failed, or a part raised or ran out
+of time; 2 when the environment check failed (nothing else ran); else 0 (a part skipped, e.g.
+the server's without its wheels, is no failure). Goals do not change it.
 
     python3 benchmarks/gpu_check.py [--quick | --dry-run] [--parts NAME ...] [--out FILE]
         [--budget-scale X]
