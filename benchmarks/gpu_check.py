@@ -780,45 +780,45 @@ def eager_step_counts(engine: Engine) -> dict[str, int] | None:
     return dict(counts()) if callable(counts) else None
 
 
-def graph_step_seconds(model: Any, rows: int, kv: int, steps: int) -> float:
-    """Seconds per replay of a CUDA graph of the model's decode step (what decode_steps.py's
-    ``step_seconds`` times eagerly): the forward alone, at exactly ``rows`` rows."""
+def step_stage(engine: Engine, stage: str, slots: int) -> Any:
+    """A decode stage of ``engine``'s weights with its own cache of ``slots`` slots and graphs
+    (on CUDA real ones; elsewhere StepGraphs runs the step on the same shapes, eagerly)."""
+    from stream_engine.bark.model import from_hf
+    from stream_engine.runtime.stages import CoarseStage, SemanticStage
+
+    hf = engine.loaded.model
+    model = from_hf(hf.semantic if stage == "semantic" else hf.coarse_acoustics)
+    model.set_attn(engine.config.attn)
+    kind = SemanticStage if stage == "semantic" else CoarseStage
+    return kind(model, engine.consts, slots, cuda_graphs=True)
+
+
+def replay_seconds(stage: Any, rows: int, kv: int, steps: int) -> float:
+    """Seconds per replay of the engine's whole decode step (forward pass and sampling, the
+    graph the stage captures) at exactly ``rows`` rows, keys up to ``kv``."""
     import torch
     from common import clock
 
-    dev = model.lm_head.weight.device
-    ids = torch.zeros(rows, dtype=torch.long, device=dev)
-    pos = torch.full((rows,), kv - 1, device=dev)
+    key = (rows, kv, False)
+    stage.capture_graphs([key])
     with torch.inference_mode():
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            model.decode(ids, pos, kv)  # lazy initialisations stay out of the capture
-        torch.cuda.current_stream(dev).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            model.decode(ids, pos, kv)
-        graph.replay()
-        t = clock(dev)
+        stage.meta.zero_()
+        stage.meta[0, :rows] = kv - 1  # every row at the last position
+        stage.graphs.replay(key)
+        t = clock(stage.device)
         for _ in range(steps):
-            graph.replay()
-        return (clock(dev) - t) / steps
-
-
-def batch_buckets(slots: int) -> list[int]:
-    """The engine's batch buckets (runtime/cuda.py): powers of two below ``slots``, then it."""
-    out, b = [], 1
-    while b < slots:
-        out.append(b)
-        b *= 2
-    return [*out, slots]
+            stage.graphs.replay(key)
+        return (clock(stage.device) - t) / steps
 
 
 def model_steps(check: Check, engine: Engine, out: dict[str, Any]) -> None:
-    """The decode forward alone (``CausalGPT.decode``), eager (decode_steps.py's timing) and as a
-    graph replay, per stage; and the bucket question. Resizes the models' caches: run last on
+    """Per stage: the decode forward alone (``CausalGPT.decode``, eager: decode_steps.py's
+    timing) and the engine's whole decode step (forward and sampling) as a graph replay, at
+    each batch and at its bucket: the bucket question. Resizes the models' caches: run last on
     ``engine``."""
     import decode_steps
+
+    from stream_engine.runtime.cuda import batch_buckets
 
     p = check.plan
     rows_max = max(*p.batches, *p.graph_rows)
@@ -836,16 +836,16 @@ def model_steps(check: Check, engine: Engine, out: dict[str, Any]) -> None:
             b: (weights + decode_steps.cache_bytes(model, b, kv)) / s / 1e9
             for b, s in eager.items()
         }
+        # the whole step as the engine replays it, at each exact batch and at the buckets
+        steps = step_stage(engine, stage, rows_max)
+        timed = {b: replay_seconds(steps, b, kv, p.model_steps) for b in p.graph_rows}
+        row["step_capture_s"] = steps.graphs.capture_s
         if check.cuda:
-            graphs = {b: graph_step_seconds(model, b, kv, p.model_steps) for b in p.graph_rows}
-            row["graph_replay_ms"] = {b: s * 1e3 for b, s in graphs.items()}
-            timed, how = graphs, "graph replay"
+            row["graph_replay_ms"] = {b: s * 1e3 for b, s in timed.items()}
+            how = "graph replay of the whole step"
         else:
             row["graph_replay_ms"] = "skipped: no CUDA"
-            timed = {
-                b: decode_steps.step_seconds(model, b, kv, p.model_steps) for b in p.graph_rows
-            }
-            how = "eager (no CUDA)"
+            how = "the whole step on the same shapes, eager (no CUDA)"
         # the bucket question: a batch of n runs padded to its bucket; what does that cost?
         table = []
         for n in p.graph_rows:

@@ -48,7 +48,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -141,8 +141,8 @@ class StepGraphs:
         self.model = model
         self.step_fn = step_fn
         self.device = model.lm_head.weight.device
-        self.capture = self.device.type == "cuda" if capture is None else capture
-        if self.capture and self.device.type != "cuda":
+        self.captures = self.device.type == "cuda" if capture is None else capture
+        if self.captures and self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA model, not one on {self.device}")
         self.warmup = warmup
         attn = _first_attention(model)
@@ -157,8 +157,8 @@ class StepGraphs:
         self.batch_sizes = batch_buckets(self.slots, batches)
         self.kv_lens = kv_buckets(self.max_len, kv_step)
         self.graphs: dict[Key, torch.cuda.CUDAGraph | None] = {}  # None: capture=False
-        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
-        self.stream = torch.cuda.Stream(self.device) if self.capture else None
+        self.pool = torch.cuda.graph_pool_handle() if self.captures else None
+        self.stream = torch.cuda.Stream(self.device) if self.captures else None
         self.capture_s = 0.0  # seconds capture_all took
         self.eager_steps = 0  # steps that found no graph and ran eagerly
         self._stale_warned = False
@@ -195,27 +195,36 @@ class StepGraphs:
             graph.replay()
 
     def capture_all(self, prepare: Callable[[], None], variants: Sequence[bool] = VARIANTS) -> None:
-        """Capture every bucket of ``variants`` now, largest first; record the time it took.
+        """Capture every bucket of ``variants`` now, largest first (see :meth:`capture`)."""
+        keys = [
+            (b, s, variant)
+            for variant in variants
+            for b in reversed(self.batch_sizes)
+            for s in reversed(self.kv_lens)
+        ]
+        self.capture(keys, prepare)
+
+    def capture(self, keys: Iterable[Key], prepare: Callable[[], None]) -> None:
+        """Capture the steps ``keys`` (those not captured yet); add the time it took.
 
         ``prepare()`` runs before each capture and must put the static inputs in a state every
-        bucket can run from (e.g. all rows at position 0): the warm-up runs write the cache and
+        key can run from (e.g. all rows at position 0): the warm-up runs write the cache and
         the buffers. Call it only while no slot holds a request, and before any other thread
-        uses the device.
+        uses the device. A key need not be a bucket (benchmarks time exact batches): only
+        buckets are ever looked up.
         """
         start = time.perf_counter()
         with torch.inference_mode():
-            for variant in variants:
-                for b in reversed(self.batch_sizes):
-                    for s in reversed(self.kv_lens):
-                        if (b, s, variant) not in self.graphs:
-                            prepare()
-                            self.graphs[(b, s, variant)] = self._capture(b, s, variant)
-        if self.capture:
+            for key in keys:
+                if key not in self.graphs:
+                    prepare()
+                    self.graphs[key] = self._capture(*key)
+        if self.captures:
             torch.cuda.synchronize(self.device)
         self.capture_s += time.perf_counter() - start
 
     def _capture(self, b: int, s: int, variant: bool) -> torch.cuda.CUDAGraph | None:
-        if not self.capture:
+        if not self.captures:
             return None
         assert self.stream is not None
         with torch.cuda.device(self.device):

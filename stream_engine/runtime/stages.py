@@ -19,6 +19,7 @@ from them).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +31,7 @@ from ..bark import prompts
 from ..bark.model import CausalGPT, FineGPT
 from ..bark.prompts import BarkConstants
 from ..bark.sampling import RowParams, apply_min_eos_p, choose, choose_fine
-from .cuda import StepGraphs, to_device
+from .cuda import Key, StepGraphs, to_device
 from .request import MAX_PREVIEWS, Request, Status
 
 NEVER = float("inf")  # a min_eos_p that never fires
@@ -359,8 +360,9 @@ class DecodeStage(Stage):
 
     # -- load time ------------------------------------------------------------------------
 
-    def capture_graphs(self) -> None:
-        """Capture every decode bucket (CUDA). Only while no slot holds a request."""
+    def capture_graphs(self, keys: Iterable[Key] | None = None) -> None:
+        """Capture every decode bucket, or the steps ``keys`` (CUDA). Only while no slot holds
+        a request."""
         if self.graphs is None:
             return
         assert self.active == 0, "capture only while the stage is empty"
@@ -369,7 +371,10 @@ class DecodeStage(Stage):
             self.ids.zero_()
             self.meta.zero_()
 
-        self.graphs.capture_all(prepare)
+        if keys is None:
+            self.graphs.capture_all(prepare)
+        else:
+            self.graphs.capture(keys, prepare)
         prepare()
 
     @torch.inference_mode()

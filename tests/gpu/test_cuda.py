@@ -79,7 +79,7 @@ def _stage(engine: Engine, name: str, slots: int) -> DecodeStage:
 @pytest.mark.parametrize("name", ["semantic", "coarse"])
 def test_graph_replay_equals_the_eager_step_bit_for_bit(engines, name, dtype):
     stage = _stage(engines(dtype), name, 8)
-    assert stage.graphs is not None and stage.graphs.capture
+    assert stage.graphs is not None and stage.graphs.captures
     assert len(stage.graphs.graphs) == 2 * len(stage.graphs.batch_sizes) * len(stage.graphs.kv_lens)
     check = check_graphs(stage, steps=40)  # crosses the 128 and 256 kv buckets
     assert check.tokens_equal and check.finite, check

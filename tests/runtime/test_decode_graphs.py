@@ -59,7 +59,7 @@ def test_padded_step_equals_the_unpadded_step(tiny, kind):
     equal to rounding. The step includes sampling: its tokens come back in ``ids``."""
     stage = _stage(tiny, kind)
     graphs = stage.graphs
-    assert graphs is not None and not graphs.capture
+    assert graphs is not None and not graphs.captures
     lens = [40, 7, 130, 1, 120, 64]
 
     def run(n: int, padded: bool) -> tuple[torch.Tensor, torch.Tensor]:
