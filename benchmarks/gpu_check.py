@@ -526,9 +526,8 @@ def mixed(check: Check, engine: Engine, label: str) -> list[Any]:
 
 
 def graphs_on(engine: Engine) -> bool:
-    """Whether some stage replays CUDA graphs (``cuda_graphs``: a bool, or the stages' names
-    and "off")."""
-    return engine.decode_mode().get("cuda_graphs") not in (None, False, "", "off")
+    """Whether both decode stages replay CUDA graphs (``cuda_graphs``: the stages' names)."""
+    return engine.decode_mode()["cuda_graphs"] == "semantic,coarse"
 
 
 def check_graphs_vs_eager(check: Check, dtype: str) -> dict[str, Any]:
