@@ -223,14 +223,26 @@ class Engine:
                 self.checks["sdpa"] = self_check.probe_sdpa(calls, tolerance).as_dict()
             except Exception as exc:
                 self._fall_back(f"attention kernel probe failed ({_why(exc)}); torch chooses")
+        else:  # not a check: a policy (plans per shape), as the probe applies it
+            self_check.turn_off_cudnn_attention()
+            disabled = {"CUDNN_ATTENTION": self_check.CUDNN_WHY}
+            self.checks["sdpa"] = {"kernels": {}, "disabled": disabled}
         stages: tuple[DecodeStage, ...] = (self.semantic_stage, self.coarse_stage)
+        failed: str | None = None  # the stage whose capture raised: nothing is captured after it
         for stage in stages:
             if stage.graphs is None:
+                continue
+            if failed is not None:
+                stage.graphs = None
+                self._fall_back(
+                    f"{stage.name} decode graphs -> eager: not captured after the {failed} "
+                    "stage's capture failed"
+                )
                 continue
             try:
                 stage.capture_graphs()
             except Exception as exc:
-                stage.graphs = None
+                stage.graphs, failed = None, stage.name
                 self._fall_back(
                     f"{stage.name} decode graphs -> eager: capture failed ({_why(exc)})"
                 )
@@ -266,16 +278,14 @@ class Engine:
         kind of call (``"default"``: torch chooses per call); ``fallbacks`` what the load fell
         back from, and why; ``checks`` the load-time GPU checks' findings.
         """
-        sdpa = self.checks.get("sdpa")
+        kernels = self.checks.get("sdpa", {}).get("kernels", {})
+        stages = (self.semantic_stage, self.coarse_stage)
         return {
             "attn": self.config.attn,
-            "cuda_graphs": ",".join(
-                s.name for s in (self.semantic_stage, self.coarse_stage) if s.graphs is not None
-            )
-            or "off",
+            "cuda_graphs": ",".join(s.name for s in stages if s.graphs and s.graphs.live) or "off",
             "decode_kernel": self.decode_kernel,
             "dtype": str(self.semantic_model.lm_head.weight.dtype).removeprefix("torch."),
-            "sdpa": ",".join(f"{k}={v}" for k, v in sdpa["kernels"].items()) if sdpa else "default",
+            "sdpa": ",".join(f"{k}={v}" for k, v in kernels.items()) or "default",
             "fallbacks": list(self.fallbacks),
             "checks": dict(self.checks),
         }

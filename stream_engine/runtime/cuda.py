@@ -212,16 +212,37 @@ class StepGraphs:
         the buffers. Call it only while no slot holds a request, and before any other thread
         uses the device. A key need not be a bucket (benchmarks time exact batches): only
         buckets are ever looked up.
+
+        On CUDA each variant's step first runs once with torch's sync debug mode set to
+        error: a host sync in the step (which a capture cannot hold) raises here, before any
+        capture begins, rather than inside one (a capture that fails midway can leave the
+        allocator in a state the process does not recover from). The device is synchronized
+        and the allocator's cache emptied once, not before every capture.
         """
+        keys = [k for k in keys if k not in self.graphs]
         start = time.perf_counter()
         with torch.inference_mode():
+            if self.captures and keys:
+                self._no_host_sync({k[2] for k in keys}, prepare)
+                torch.cuda.synchronize(self.device)
+                torch.cuda.empty_cache()
             for key in keys:
-                if key not in self.graphs:
-                    prepare()
-                    self.graphs[key] = self._capture(*key)
+                prepare()
+                self.graphs[key] = self._capture(*key)
         if self.captures:
             torch.cuda.synchronize(self.device)
         self.capture_s += time.perf_counter() - start
+
+    def _no_host_sync(self, variants: set[bool], prepare: Callable[[], None]) -> None:
+        """Run the step once per variant with host syncs turned into errors."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for variant in sorted(variants):
+                prepare()
+                self.step_fn(self.batch_sizes[-1], self.kv_lens[0], variant)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
 
     def _capture(self, b: int, s: int, variant: bool) -> torch.cuda.CUDAGraph | None:
         if not self.captures:
@@ -230,14 +251,23 @@ class StepGraphs:
         with torch.cuda.device(self.device):
             current = torch.cuda.current_stream()
             self.stream.wait_stream(current)
+            graph = torch.cuda.CUDAGraph()
             with torch.cuda.stream(self.stream):
                 for _ in range(self.warmup):
                     self.step_fn(b, s, variant)
+                # torch.cuda.graph's capture without its per-capture sync, gc and cache flush
+                graph.capture_begin(pool=self.pool)
+                try:
+                    self.step_fn(b, s, variant)
+                finally:
+                    graph.capture_end()
             current.wait_stream(self.stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
-                self.step_fn(b, s, variant)
         return graph
+
+    @property
+    def live(self) -> bool:
+        """Whether steps replay graphs: some are captured and they match the model."""
+        return bool(self.graphs) and self.current()
 
     def drop(self) -> None:
         """Forget every graph (the self-check found them wrong): every step runs eagerly."""
@@ -257,3 +287,12 @@ def to_device(values: Any, device: torch.device, dtype: torch.dtype = torch.long
     if device.type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
+
+
+def copy_from_host(dst: Tensor, values: Any) -> None:
+    """Write a host list into ``dst`` (its shape), as :func:`to_device` does: no host sync,
+    and on CUDA straight from pinned memory into ``dst``."""
+    host = torch.tensor(values, dtype=dst.dtype)
+    if dst.device.type == "cuda":
+        host = host.pin_memory()
+    dst.copy_(host, non_blocking=dst.device.type == "cuda")

@@ -206,7 +206,7 @@ class Runtime:
                     final += self._stage_failed(name, out)
                     continue
                 for req in out:
-                    if req.stage != name:  # a preview the stage made, for a later stage
+                    if req.preview_of is not None and req.stage != name:  # made by the stage
                         self._enter_preview(req)
                         continue
                     if self.requests.get(req.id) is not req:

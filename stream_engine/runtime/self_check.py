@@ -11,11 +11,16 @@ A user's first run must not be where we learn that a kernel misbehaves on their 
   the kind probed again. The flags are the process's (torch keeps them globally, not per
   thread or per call), so they are set once, here.
 * :func:`check_graphs`: the captured decode graphs of a stage against its eager step on the
-  same padded shapes, from the same fixed prompts: the same greedy tokens over ``steps``
-  steps, logits within :data:`GRAPH_TOLERANCE` of each other (a replay runs the eager step's
-  kernels, so they should be equal), everything finite.
+  same padded shapes, from the same fixed prompts, for every batch bucket and both variants
+  (greedy; sampled with fixed seeds, top-k and top-p), the runs spread over the kv buckets:
+  the same tokens over ``steps`` steps, logits within :data:`GRAPH_TOLERANCE` of each other
+  (a replay runs the eager step's kernels, so they should be equal), everything finite.
 
-What to do about a failure (fall back, or raise under ``strict_gpu``) is the engine's.
+What to do about a failure (fall back, or raise under ``strict_gpu``) is the engine's. One
+failure no fallback undoes: a capture that raises partway can leave torch's allocator
+believing a capture is under way (so :class:`~.cuda.StepGraphs` first runs each step with
+host syncs made errors, which catches the usual cause before any capture begins, and the
+engine captures nothing after a failed capture).
 """
 
 from __future__ import annotations
@@ -134,31 +139,59 @@ def _problem(call: AttentionCall, tolerance: float) -> str | None:
     return None
 
 
+def _flags() -> dict[SDPBackend, bool]:
+    b = torch.backends.cuda
+    return {
+        SDPBackend.FLASH_ATTENTION: b.flash_sdp_enabled(),
+        SDPBackend.EFFICIENT_ATTENTION: b.mem_efficient_sdp_enabled(),
+        SDPBackend.CUDNN_ATTENTION: b.cudnn_sdp_enabled(),
+        SDPBackend.MATH: b.math_sdp_enabled(),
+    }
+
+
+CUDNN_WHY = "builds an execution plan for every new shape"
+
+
+def turn_off_cudnn_attention() -> None:
+    """cuDNN attention off, process-wide (see the module docstring)."""
+    _SWITCHES[SDPBackend.CUDNN_ATTENTION](False)
+
+
 def probe_sdpa(calls: list[AttentionCall], tolerance: float) -> SdpaChoice:
     """Choose the kernel of every kind of call by turning off those that must not serve.
 
     cuDNN attention goes first (a plan per shape); then, while some kind's chosen kernel fails
     or disagrees with the plain arithmetic, that kernel is turned off and the kinds probed
-    again. Raises :class:`CheckFailed` if some kind has no kernel left.
+    again. Kernels that were off before the probe are recorded as such. Raises
+    :class:`CheckFailed` if some kind has no kernel left; the switches are then as they were
+    before the probe, cuDNN attention off.
     """
-    disabled = {"CUDNN_ATTENTION": "builds an execution plan for every new shape"}
-    _SWITCHES[SDPBackend.CUDNN_ATTENTION](False)
-    while True:
-        kernels: dict[str, str] = {}
-        for call in calls:
-            backend = call.choice()
-            if backend not in _SWITCHES:
-                raise CheckFailed(f"no attention kernel serves the {call.kind} call")
-            problem = _problem(call, tolerance)
-            if problem is not None:
-                if backend == SDPBackend.MATH:
-                    raise CheckFailed(f"attention's MATH kernel {problem}")
-                disabled[backend.name] = problem
-                _SWITCHES[backend](False)
-                break
-            kernels[call.kind] = backend.name
-        else:
-            return SdpaChoice(kernels, disabled)
+    before = _flags()
+    disabled = {b.name: "off before the probe" for b, on in before.items() if not on}
+    disabled["CUDNN_ATTENTION"] = CUDNN_WHY
+    turn_off_cudnn_attention()
+    try:
+        while True:
+            kernels: dict[str, str] = {}
+            for call in calls:
+                backend = call.choice()
+                if backend not in _SWITCHES:
+                    raise CheckFailed(f"no attention kernel serves the {call.kind} call")
+                problem = _problem(call, tolerance)
+                if problem is not None:
+                    if backend == SDPBackend.MATH:
+                        raise CheckFailed(f"attention's MATH kernel {problem}")
+                    disabled[backend.name] = problem
+                    _SWITCHES[backend](False)
+                    break
+                kernels[call.kind] = backend.name
+            else:
+                return SdpaChoice(kernels, disabled)
+    except Exception:
+        for backend, on in before.items():
+            _SWITCHES[backend](on)
+        turn_off_cudnn_attention()
+        raise
 
 
 # -- decode graphs ----------------------------------------------------------------------------
@@ -169,18 +202,19 @@ class GraphCheck:
     """Graph replays against the eager step: the comparison's figures and verdict."""
 
     stage: str
-    steps: int
-    rows: int
+    trials: int  # (batch, variant) runs compared
+    steps: int  # decode steps of each run
+    keys: tuple[str, ...]  # the graphs replayed: "b{batch}/kv{keys}/{greedy|sampled}"
     tokens_equal: bool
     max_abs_diff: float  # of the logits
-    scale: float  # max |logit| of the eager run
-    finite: bool  # every logit of both runs finite
+    scale: float  # max |logit| of the eager runs
+    finite: bool  # every logit of every run finite
     tolerance: float = GRAPH_TOLERANCE
 
     @property
     def problem(self) -> str | None:
         if not self.finite:
-            return f"{self.stage}: non-finite logits in {self.steps} greedy steps"
+            return f"{self.stage}: non-finite logits in {self.trials} runs of {self.steps} steps"
         if not self.tokens_equal:
             return f"{self.stage}: graph replays chose other tokens than eager decode"
         if not self.max_abs_diff <= self.tolerance * max(1.0, self.scale):
@@ -191,7 +225,12 @@ class GraphCheck:
         return None
 
     def as_dict(self) -> dict[str, object]:
-        return {**asdict(self), "ok": self.problem is None}
+        """For JSON (/healthz): a figure that is not finite is None."""
+        out: dict[str, object] = {**asdict(self), "keys": list(self.keys)}
+        for name in ("max_abs_diff", "scale"):
+            if not math.isfinite(getattr(self, name)):
+                out[name] = None
+        return {**out, "ok": self.problem is None}
 
 
 def compare(
@@ -199,16 +238,18 @@ def compare(
     eager: tuple[Tensor, Tensor],
     graphed: tuple[Tensor, Tensor],
     tolerance: float = GRAPH_TOLERANCE,
+    keys: tuple[str, ...] = (),
 ) -> GraphCheck:
-    """Compare two trial runs, each (tokens (steps, S), logits (steps, S, V))."""
+    """Compare two trial runs, each (tokens (steps, B), logits (steps, B, V))."""
     (et, el), (gt, gl) = eager, graphed
     finite = bool(torch.isfinite(el).all()) and bool(torch.isfinite(gl).all())
     diff = (el - gl).abs().nan_to_num(nan=float("inf")).max().item() if el.numel() else 0.0
     scale = el.abs().nan_to_num(nan=float("inf")).max().item() if el.numel() else 0.0
     return GraphCheck(
         stage=stage,
+        trials=1,
         steps=et.size(0),
-        rows=et.size(1),
+        keys=keys,
         tokens_equal=bool(torch.equal(et, gt)),
         max_abs_diff=diff,
         scale=scale,
@@ -217,17 +258,47 @@ def compare(
     )
 
 
-def trial_lengths(rows: int, max_len: int, steps: int) -> list[int]:
-    """Prompt lengths of the trial: every row at its own position, the first crossing a kv
-    bucket (128) during the steps, all within the cache."""
-    top = max_len - steps - 1
-    return [1 + (119 + 37 * i) % top for i in range(rows)]
+def merge(checks: list[GraphCheck]) -> GraphCheck:
+    """One verdict over several runs of the same stage."""
+    first = checks[0]
+    return GraphCheck(
+        stage=first.stage,
+        trials=sum(c.trials for c in checks),
+        steps=first.steps,
+        keys=tuple(k for c in checks for k in c.keys),
+        tokens_equal=all(c.tokens_equal for c in checks),
+        max_abs_diff=max(c.max_abs_diff for c in checks),
+        scale=max(c.scale for c in checks),
+        finite=all(c.finite for c in checks),
+        tolerance=first.tolerance,
+    )
+
+
+def trial_lengths(rows: int, longest: int) -> list[int]:
+    """Prompt lengths of a trial's rows: the first ``longest`` (it picks the kv bucket), the
+    others each at their own shorter position."""
+    return [longest] + [1 + (37 * i) % longest for i in range(1, rows)]
 
 
 def check_graphs(stage: DecodeStage, steps: int = GRAPH_CHECK_STEPS) -> GraphCheck:
-    """Run :meth:`DecodeStage.trial` eagerly and from the graphs; compare (see module doc)."""
-    assert stage.graphs is not None
-    lens = trial_lengths(stage.graphs.slots, stage.graphs.max_len, steps)
-    eager = stage.trial(lens, steps, graphs=False)
-    graphed = stage.trial(lens, steps, graphs=True)
-    return compare(stage.name, eager, graphed)
+    """:meth:`DecodeStage.trial` eagerly and from the graphs, compared (see module doc).
+
+    One run per batch bucket and variant (greedy; sampled with top-k and top-p), the runs'
+    longest rows placed so that they go through the kv buckets in turn: every batch bucket
+    and both variants are checked, and as many kv buckets as there are runs.
+    """
+    graphs = stage.graphs
+    assert graphs is not None
+    runs = [(b, v) for b in graphs.batch_sizes for v in (False, True)]
+    results = []
+    for i, (b, variant) in enumerate(runs):
+        k = i % len(graphs.kv_lens)
+        lower = graphs.kv_lens[k - 1] if k else 0  # kv_len = longest + 1 .. longest + steps
+        longest = max(1, min(lower, graphs.max_len - steps))
+        lens = trial_lengths(b, longest)
+        eager = stage.trial(lens, steps, graphs=False, variant=variant)
+        graphed = stage.trial(lens, steps, graphs=True, variant=variant)
+        s = graphs.key(b, longest + 1, variant)[1]
+        key = f"b{b}/kv{s}/{'sampled' if variant else 'greedy'}"
+        results.append(compare(stage.name, eager, graphed, keys=(key,)))
+    return merge(results)

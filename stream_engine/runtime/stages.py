@@ -31,7 +31,7 @@ from ..bark import prompts
 from ..bark.model import CausalGPT, FineGPT
 from ..bark.prompts import BarkConstants
 from ..bark.sampling import RowParams, apply_min_eos_p, choose, choose_fine
-from .cuda import Key, StepGraphs, to_device
+from .cuda import Key, StepGraphs, copy_from_host, to_device
 from .request import MAX_PREVIEWS, Request, Status
 
 NEVER = float("inf")  # a min_eos_p that never fires
@@ -311,12 +311,12 @@ class DecodeStage(Stage):
         variant = self._filtered([r for _, r in rows])
         key = self.graphs.lookup(n, kv_len, variant) if self.graphs is not None else None
         if key is None:
-            self.meta[:, :n].copy_(to_device(meta, self.device))
+            copy_from_host(self.meta[:, :n], meta)
             self.step_fn(n, kv_len, variant)
         else:
             b = key[0]
             pad = [0] * (b - n)  # rows [n, b): token 0 at position 0
-            self.meta[:, :b].copy_(to_device([m + pad for m in meta], self.device))
+            copy_from_host(self.meta[:, :b], [m + pad for m in meta])
             self.ids[n:b].zero_()
             assert self.graphs is not None
             self.graphs.replay(key)
@@ -378,46 +378,58 @@ class DecodeStage(Stage):
         prepare()
 
     @torch.inference_mode()
-    def trial(self, lens: list[int], steps: int, graphs: bool) -> tuple[Tensor, Tensor]:
-        """Greedy decode of fixed prompts, for the self-check: ``steps`` steps of every slot.
+    def trial(
+        self, lens: list[int], steps: int, graphs: bool, variant: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """Decode fixed prompts for the self-check: ``steps`` steps of slots ``[0, len(lens))``.
 
-        Slot ``i`` is prefilled with ``lens[i]`` fixed tokens, then all slots decode together
+        Slot ``i`` is prefilled with ``lens[i]`` fixed tokens, then those slots decode together
         from there, eagerly on the buckets' padded shapes (``graphs=False``) or by replaying
-        the captured graphs (``graphs=True``). Returns the chosen tokens (steps, S) and the
-        logits (steps, S, V). Only while the stage is empty; leaves the slots cleared.
+        the captured graphs (``graphs=True``): greedy, or with ``variant`` sampled with fixed
+        seeds, temperature, top-k and top-p (the noise is a function of seed and step, so both
+        ways draw the same). Returns the chosen tokens (steps, B) and the logits (steps, B, V).
+        Only while the stage is empty; leaves the slots cleared and the options as they were.
         """
         assert self.active == 0, "trial only while the stage is empty"
         assert self.graphs is not None
-        S, dev = len(self.slots.rows), self.device
+        B, dev = len(lens), self.device
         g = torch.Generator().manual_seed(0)
         vocab = min(self.model.cfg.input_vocab_size, self.c.semantic_vocab_size)
-        T = max(lens)
-        ids = torch.randint(0, vocab, (S, T), generator=g).to(dev)
-        slots = torch.arange(S, device=dev)
-        greedy = self.params.p.greedy.clone()
-        self.params.p.greedy.fill_(True)
+        ids = torch.randint(0, vocab, (B, max(lens)), generator=g).to(dev)
+        p = self.params.p
+        saved = [t.clone() for t in (p.temperature, p.top_k, p.top_p, p.greedy, p.seed)]
+        if variant:
+            p.greedy[:B], p.temperature[:B], p.top_k[:B], p.top_p[:B] = False, 0.8, 50, 0.9
+            p.seed[:B] = torch.arange(B, device=dev) + 7
+        else:
+            p.greedy[:B] = True
         try:
-            for i in range(S):
+            for i in range(B):
                 self.model.clear_slot(i)
             last = torch.tensor(lens, device=dev) - 1
-            self.model.prefill(self.model.embed(ids), slots, last)
-            self.ids.copy_(ids.gather(1, last[:, None])[:, 0])
+            self.model.prefill(self.model.embed(ids), torch.arange(B, device=dev), last)
+            self.ids[:B] = ids.gather(1, last[:, None])[:, 0]
             pos = list(lens)
             tokens, logits = [], []
             for k in range(steps):
-                key = self.graphs.key(S, max(pos) + 1, False)
-                self.meta.copy_(to_device([pos, [k + 1] * S, [0] * S], dev))
+                key = self.graphs.key(B, max(pos) + 1, variant)
+                pad = [0] * (key[0] - B)
+                copy_from_host(self.meta[:, : key[0]], [pos + pad, [k + 1] * B + pad, [0] * key[0]])
+                self.ids[B : key[0]] = 0
                 if graphs:
                     self.graphs.replay(key)
                 else:
                     self.step_fn(*key)
-                tokens.append(self.ids.clone())
-                logits.append(self.logits.clone())
-                pos = [p + 1 for p in pos]
+                tokens.append(self.ids[:B].clone())
+                logits.append(self.logits[:B].clone())
+                pos = [n + 1 for n in pos]
             return torch.stack(tokens), torch.stack(logits)
         finally:
-            self.params.p.greedy.copy_(greedy)
-            for i in range(S):
+            for t, old in zip(
+                (p.temperature, p.top_k, p.top_p, p.greedy, p.seed), saved, strict=True
+            ):
+                t.copy_(old)
+            for i in range(B):
                 self.model.clear_slot(i)
             self.ids.zero_()
             self.meta.zero_()

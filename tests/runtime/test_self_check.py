@@ -4,18 +4,24 @@ The probe runs here on the CPU's kernels (torch's CPU flash attention and the ma
 the same process-wide switches); the ``sdpa_flags`` fixture (conftest) puts them back.
 """
 
+import json
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend
 
+from stream_engine.bark.model import from_hf
 from stream_engine.runtime import self_check
+from stream_engine.runtime.cuda import StepGraphs
 from stream_engine.runtime.self_check import (
     CheckFailed,
     attention_calls,
+    check_graphs,
     compare,
     probe_sdpa,
     trial_lengths,
 )
+from stream_engine.runtime.stages import CoarseStage, DecodeStage, SemanticStage
 
 
 def _run(steps=4, rows=3, vocab=50, seed=0):
@@ -28,7 +34,7 @@ def test_identical_runs_pass():
     tokens, logits = _run()
     check = compare("semantic", (tokens, logits), (tokens.clone(), logits.clone()))
     assert check.problem is None and check.as_dict()["ok"]
-    assert (check.steps, check.rows, check.max_abs_diff) == (4, 3, 0.0)
+    assert (check.steps, check.trials, check.max_abs_diff) == (4, 1, 0.0)
     assert check.scale == logits.abs().max().item()
 
 
@@ -62,10 +68,61 @@ def test_non_finite_logits_fail(bad):
 
 
 def test_trial_lengths_put_rows_at_their_own_positions():
-    lens = trial_lengths(8, 1024, 16)
-    assert lens[0] == 120 and lens[0] < 128 < lens[0] + 16  # crosses a kv bucket
-    assert len(set(lens)) == 8 and all(1 <= n <= 1024 - 17 for n in lens)
-    assert all(1 <= n <= 100 - 17 for n in trial_lengths(32, 100, 16))
+    assert trial_lengths(1, 384) == [384]
+    lens = trial_lengths(8, 384)
+    assert lens[0] == max(lens) == 384 and len(set(lens)) == 8 and min(lens) >= 1
+    assert trial_lengths(4, 1) == [1, 1, 1, 1]
+
+
+def test_a_failed_check_serialises_as_strict_json():
+    tokens, logits = _run()
+    broken = logits.clone()
+    broken[1, 2, 3] = float("nan")
+    d = compare("coarse", (tokens, broken), (tokens, logits)).as_dict()
+    assert d["ok"] is False and d["max_abs_diff"] is None and d["scale"] is None
+    json.dumps(d, allow_nan=False)  # what Starlette's JSONResponse requires of /healthz
+
+
+def _emulated(tiny, kind=SemanticStage, slots=4) -> DecodeStage:
+    hf = tiny.loaded.model
+    model = from_hf(hf.semantic if kind is SemanticStage else hf.coarse_acoustics)
+    stage = kind(model, tiny.consts, slots, cuda_graphs=True)
+    stage.capture_graphs()
+    return stage
+
+
+def test_the_graph_check_covers_every_batch_bucket_and_both_variants(tiny):
+    stage = _emulated(tiny, CoarseStage)
+    check = check_graphs(stage, steps=6)
+    assert check.problem is None and check.trials == 6  # buckets 1, 2, 4 x two variants
+    assert check.keys == (
+        "b1/kv128/greedy",
+        "b1/kv256/sampled",
+        "b2/kv384/greedy",
+        "b2/kv512/sampled",
+        "b4/kv640/greedy",
+        "b4/kv768/sampled",
+    )
+
+
+@pytest.mark.parametrize(
+    ("wrong", "where"),
+    [(lambda key: key[2], "sampled"), (lambda key: key[0] == 2, "b2/")],
+    ids=["sampled-only", "batch-2-only"],
+)
+def test_a_mismatch_in_any_checked_graph_fails_the_check(tiny, monkeypatch, wrong, where):
+    stage = _emulated(tiny)
+    real = StepGraphs.replay
+
+    def replay(self, key):
+        real(self, key)
+        if wrong(key):
+            stage.ids[0] += 1
+
+    monkeypatch.setattr(StepGraphs, "replay", replay)
+    check = check_graphs(stage, steps=4)
+    assert "other tokens" in check.problem
+    assert any(where in k for k in check.keys)
 
 
 def test_probe_turns_cudnn_off_and_names_each_kind(sdpa_flags):
@@ -101,5 +158,16 @@ def test_no_kernel_left_raises(sdpa_flags, monkeypatch):
         raise RuntimeError("no kernel")
 
     monkeypatch.setattr(self_check.AttentionCall, "run", fails)
+    assert torch.backends.cuda.flash_sdp_enabled()
     with pytest.raises(CheckFailed, match="MATH kernel fails on the masked call"):
         probe_sdpa(attention_calls(torch.device("cpu"), torch.float32, 4, 16), 1e-4)
+    # the switches as they were (the probe had turned flash off on the way), cuDNN off
+    assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def test_kernels_off_before_the_probe_are_recorded(sdpa_flags):
+    torch.backends.cuda.enable_flash_sdp(False)
+    choice = probe_sdpa(attention_calls(torch.device("cpu"), torch.float32, 4, 16), 1e-4)
+    assert choice.disabled["FLASH_ATTENTION"] == "off before the probe"
+    assert set(choice.kernels.values()) == {"MATH"}
