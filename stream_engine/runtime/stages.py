@@ -160,8 +160,9 @@ class DecodeStage(Stage):
     * ``meta`` (3, S): each slot's position, sampling counter (the row's tokens so far) and the
       stage's per-row value for :meth:`mask` (the coarse codebook), written by the host once
       per step in one copy;
-    * ``logits`` (S, V): the step's logits in float32, for the self-check: those the model
-      computes (from ``head_start``, see ``CausalGPT.restrict_head``); the others stay 0.
+    * ``logits`` (S, V): with graphs, the step's logits in float32, for the self-check: those
+      the model computes (from ``head_start``, see ``CausalGPT.restrict_head``); the others
+      stay 0.
 
     Tokens are read back only when the host needs them (:meth:`sync_due`); until then they wait
     on the device in ``_pending``. Subclasses provide the prompts (:meth:`prompts`), the token
@@ -235,7 +236,8 @@ class DecodeStage(Stage):
         """One decode step of slots ``[0, b)``, keys up to ``s``: static buffers in and out."""
         pos, counter, aux = self.meta[0, :b], self.meta[1, :b], self.meta[2, :b]
         part = self.model.decode(self.ids[:b], pos, s).float()  # (b, V - head_start)
-        self.logits[:b, self.model.head_start :].copy_(part)
+        if self.graphs is not None:  # the self-check compares them; serving needs no copy
+            self.logits[:b, self.model.head_start :].copy_(part)
         logits = self._widen(part)  # (b, V)
         rows = slice(0, b)
         p = self.params.rows(rows)
