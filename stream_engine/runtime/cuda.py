@@ -269,10 +269,6 @@ class StepGraphs:
         """Whether steps replay graphs: some are captured and they match the model."""
         return bool(self.graphs) and self.current()
 
-    def drop(self) -> None:
-        """Forget every graph (the self-check found them wrong): every step runs eagerly."""
-        self.graphs.clear()
-
 
 def to_device(values: Any, device: torch.device, dtype: torch.dtype = torch.long) -> Tensor:
     """A host list as a tensor on ``device``, without a host sync.

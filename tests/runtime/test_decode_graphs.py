@@ -159,7 +159,7 @@ def test_a_stage_serves_from_its_graphs_and_never_captures_late(tiny, monkeypatc
     assert stage.graphs.eager_steps == 29
     _serve(stage, _requests(tiny, 1))  # bucket (1, 384): captured
     assert stage.graphs.eager_steps == 29
-    stage.graphs.drop()
+    stage.graphs.graphs.clear()  # none captured
     _serve(stage, _requests(tiny, 1))
     assert stage.graphs.eager_steps == 29 + 29
     # a reallocated cache makes the graphs stale: eager from then on, with one warning
