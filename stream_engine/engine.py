@@ -191,7 +191,7 @@ class Engine:
             problem = flash_attn_problem(dev)
             if problem is not None:
                 if config.strict_gpu:
-                    raise InvalidOption(f"flash_attention_2 is not usable here: {problem}")
+                    raise GpuCheckFailed(f"flash_attention_2 is not usable here: {problem}")
                 log.warning("flash_attention_2 is not usable (%s); attention runs on sdpa", problem)
                 fallbacks.append(f"flash_attention_2 -> sdpa: {problem}")
                 config = dataclasses.replace(config, attn="sdpa")

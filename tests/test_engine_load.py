@@ -33,7 +33,7 @@ def test_flash_attention_that_does_not_import_falls_back_to_sdpa(monkeypatch, ca
     assert any("attention runs on sdpa" in r.getMessage() for r in caplog.records)
     assert engine.generate("Still speaks.", greedy=True, max_semantic_tokens=25)[0].audio.size
     strict = EngineConfig(attn="flash_attention_2", strict_gpu=True)
-    with pytest.raises(InvalidOption, match="not usable"):
+    with pytest.raises(GpuCheckFailed, match="not usable"):
         Engine.load("random:tiny", device="cpu", dtype="bfloat16", config=strict)
 
 
