@@ -149,19 +149,24 @@ def test_a_stage_serves_from_its_graphs_and_never_captures_late(tiny, monkeypatc
 
     monkeypatch.setattr(StepGraphs, "_capture", no_capture)
     monkeypatch.setattr(StepGraphs, "capture_all", no_capture)
+    # the stage's own eager calls (replays call the step through the graphs, not this name)
+    eager_calls = []
+    real_step = stage.step_fn
+    monkeypatch.setattr(stage, "step_fn", lambda *key: eager_calls.append(key) or real_step(*key))
     _serve(stage, _requests(tiny, 3))
     _serve(stage, _requests(tiny, 2, top_k=50, top_p=0.9))  # the other variant
-    assert stage.graphs.eager_steps == 0
-    # a missing bucket runs eagerly, counted: 3 rows from position 257, 30 tokens each (one
-    # from the prefill, 29 decode steps), all in the (4, 384) bucket
+    assert stage.graphs.eager_steps == 0 and eager_calls == []
+    # a missing bucket runs eagerly, counted: 3 rows from position 257 (while all three live)
     stage.graphs.graphs.pop((4, 384, False))
-    _serve(stage, _requests(tiny, 3))
-    assert stage.graphs.eager_steps == 29
-    _serve(stage, _requests(tiny, 1))  # bucket (1, 384): captured
-    assert stage.graphs.eager_steps == 29
+    _serve(stage, _requests(tiny, 3, greedy=True))
+    assert len(eager_calls) > 0 and {k[0] for k in eager_calls} == {3}
+    assert stage.graphs.eager_steps == len(eager_calls)
+    missed = len(eager_calls)
+    _serve(stage, _requests(tiny, 1, greedy=True))  # bucket (1, 384): captured
+    assert stage.graphs.eager_steps == missed == len(eager_calls)
     stage.graphs.graphs.clear()  # none captured
-    _serve(stage, _requests(tiny, 1))
-    assert stage.graphs.eager_steps == 29 + 29
+    _serve(stage, _requests(tiny, 1, greedy=True))
+    assert len(eager_calls) > missed and stage.graphs.eager_steps == len(eager_calls)
     # a reallocated cache makes the graphs stale: eager from then on, with one warning
     stage2.model.setup_cache(2)
     with caplog.at_level(logging.WARNING, logger="stream_engine.runtime.cuda"):
