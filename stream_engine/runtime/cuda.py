@@ -14,8 +14,8 @@ Shapes. A graph has fixed shapes, so steps are padded up to buckets:
   (``slots=6`` gives buckets 1, 2, 4, 6); or, with ``EngineConfig.cuda_graph_batches =
   "slots"``, always to ``slots`` (one batch bucket: a decode step reads every weight once
   whatever its batch, so on a GPU the smaller buckets may not pay for their capture; the GPU
-  check measures both). The stage gives rows ``[n, b)`` token 0 at position
-  0, as its own rows for empty slots; they write K/V at position 0 of their slot, which the
+  check measures both). The stage gives rows ``[n, b)`` token 0 at position 0, as its own
+  rows for empty slots; they write K/V at position 0 of their slot, which the
   stage allows for every slot that is not decoding (it is empty, or it is prefilled, rewriting
   position 0, before anything reads it).
 * keys: ``kv_len`` rounds up to a multiple of ``kv_step`` (default 128), or to the cache length.
@@ -32,8 +32,8 @@ engine's self-check at load compares the two (:mod:`.self_check`).
 When. Every bucket is captured at load (:meth:`StepGraphs.capture_all`), before the pipeline's
 threads exist: a capture synchronizes the device and runs in torch's global capture mode, which
 another thread's work would break. Nothing is captured later. A step whose bucket has no graph
-(a variant that was not captured, or graphs dropped because the model's cache was reallocated)
-runs eagerly and is counted in :attr:`StepGraphs.eager_steps`.
+(a key that was not captured, or graphs gone stale because the model's cache, attention or
+head changed) runs eagerly and is counted in :attr:`StepGraphs.eager_steps`.
 
 Memory. The stage's static buffers (input ids, positions, counters, the logits' copy) are
 allocated once, outside the graphs' pool; the KV cache is the model's (``setup_cache``
