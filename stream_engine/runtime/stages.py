@@ -183,6 +183,7 @@ class DecodeStage(Stage):
         self.model, self.c, self.sync_every = model, consts, sync_every
         dev = model.lm_head.weight.device
         self.device = dev
+        self.setup()
         model.setup_cache(slots)
         V = model.cfg.output_vocab_size
         self.ids = torch.zeros(slots, dtype=torch.long, device=dev)  # (S,)
@@ -197,6 +198,9 @@ class DecodeStage(Stage):
             self.graphs = StepGraphs(model, self.step_fn, batches=graph_batches)
 
     # -- hooks ----------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """The stage's own setup of its model and constants, before the cache and graphs."""
 
     def prompts(self, rows: list[tuple[int, _Row]]) -> tuple[Tensor, Tensor]:
         """Embedded prompts (B, T, C) of rows that start, and each one's last index (B,).
@@ -442,23 +446,14 @@ class SemanticStage(DecodeStage):
 
     name = "semantic"
 
-    def __init__(
-        self,
-        model: CausalGPT,
-        consts: BarkConstants,
-        slots: int,
-        sync_every: int = 1,
-        cuda_graphs: bool = False,
-        graph_batches: str = "powers",
-    ) -> None:
-        super().__init__(model, consts, slots, sync_every, cuda_graphs, graph_batches)
-        V = model.cfg.output_vocab_size
+    def setup(self) -> None:
+        c, V = self.c, self.model.cfg.output_vocab_size
         # Bark suppresses every id above EOS: (semantic_vocab, pad) and (pad, V)
         keep = torch.zeros(V, dtype=torch.bool, device=self.device)
-        keep[: consts.semantic_vocab_size] = True
-        keep[consts.semantic_pad_token] = True
+        keep[: c.semantic_vocab_size] = True
+        keep[c.semantic_pad_token] = True
         self.suppress = ~keep
-        self.prompt_len = consts.max_input_semantic_length + 1
+        self.prompt_len = c.max_input_semantic_length + 1
 
     def row(self, req: Request) -> _Row:
         return _Row(req)
@@ -508,19 +503,10 @@ class CoarseStage(DecodeStage):
 
     name = "coarse"
 
-    def __init__(
-        self,
-        model: CausalGPT,
-        consts: BarkConstants,
-        slots: int,
-        sync_every: int = 1,
-        cuda_graphs: bool = False,
-        graph_batches: str = "powers",
-    ) -> None:
+    def setup(self) -> None:
         # no coarse id is below the first codebook's: decode steps skip those logits
-        model.restrict_head(consts.semantic_vocab_size)
-        super().__init__(model, consts, slots, sync_every, cuda_graphs, graph_batches)
-        self.vocab = torch.arange(model.cfg.output_vocab_size, device=self.device)
+        self.model.restrict_head(self.c.semantic_vocab_size)
+        self.vocab = torch.arange(self.model.cfg.output_vocab_size, device=self.device)
 
     def row(self, req: Request) -> _Row:
         c = self.c
